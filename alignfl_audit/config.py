@@ -1,0 +1,232 @@
+"""The experiment config schema: YAML -> typed, validated dataclasses.
+
+Every key is checked: an unknown key, a value of the wrong type or an impossible value raises
+``ConfigError`` with the key's dotted path, before any data is read or any directory is made.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from federation.data.partition import PartitionSpec
+from federation.data.sources import OTHER_DATASET, check_dataset_name
+from federation.errors import ConfigError, DataError
+from federation.models import normalize_spec
+from federation.training import TrainSettings
+
+STRATEGIES = ("alignfl", "fedavg", "fedprox", "centralized")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"
+    root: typing.Optional[str] = None
+    download: bool = False
+    allow_embedded: bool = True
+
+
+@dataclass
+class ServerConfig:
+    samples_per_client: int = 1000
+    epochs: int = 5
+    sampling: str = "prior"  # prior | gmm (gmm shares an extra artifact: a latent GMM per client)
+    gmm_components: int = 10
+    model: typing.Optional[dict] = None  # default: the clients' default model
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "alignfl"
+    mu: float = 0.01  # fedprox proximal weight
+    epochs: int = 10  # centralized reference: epochs over the pooled client data
+
+
+@dataclass
+class MetricsConfig:
+    fid_samples: int = 5000
+    domain_cnn_epochs: int = 3
+    tstr_epochs: int = 3
+    probe_max_iter: int = 1000
+    probe_every_round: bool = True
+    figures: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionSpec = field(default_factory=PartitionSpec)
+    model: dict = field(default_factory=lambda: {"arch": "mlp", "latent_dim": 2, "hidden": [512, 256, 128]})
+    clients: typing.Optional[list] = None  # per-client model specs; default: every client uses `model`
+    training: TrainSettings = field(default_factory=TrainSettings)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def outlier_dataset(self) -> str:
+        return self.partition.outliers.source or OTHER_DATASET[self.data.dataset]
+
+    def client_specs(self) -> list[dict]:
+        n = self.partition.n_clients
+        if self.clients is None:
+            return [normalize_spec(self.model) for _ in range(n)]
+        default_arch = self.model.get("arch", "mlp")
+        # a client entry overrides the default model; a different architecture starts from its own defaults
+        return [normalize_spec({**self.model, **c} if c.get("arch", default_arch) == default_arch else c)
+                for c in self.clients]
+
+    def server_spec(self) -> dict:
+        return normalize_spec(self.server.model if self.server.model is not None else self.model)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    # ---------------------------------------------------------------- checks
+    def validate(self) -> "ExperimentConfig":
+        try:
+            check_dataset_name(self.data.dataset)
+            if self.partition.outliers.source is not None:
+                check_dataset_name(self.partition.outliers.source)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
+        self.partition.validate()
+        for path, value in (("training.rounds", self.training.rounds),
+                            ("training.local_epochs", self.training.local_epochs),
+                            ("training.batch_size", self.training.batch_size),
+                            ("server.samples_per_client", self.server.samples_per_client),
+                            ("server.epochs", self.server.epochs),
+                            ("server.gmm_components", self.server.gmm_components),
+                            ("strategy.epochs", self.strategy.epochs),
+                            ("metrics.fid_samples", self.metrics.fid_samples),
+                            ("metrics.domain_cnn_epochs", self.metrics.domain_cnn_epochs),
+                            ("metrics.tstr_epochs", self.metrics.tstr_epochs),
+                            ("metrics.probe_max_iter", self.metrics.probe_max_iter)):
+            if value <= 0:
+                raise ConfigError(f"{path} must be > 0, got {value}")
+        for path, value in (("training.lr", self.training.lr), ("training.lambda_kl", self.training.lambda_kl),
+                            ("strategy.mu", self.strategy.mu)):
+            if not value >= 0 or (path == "training.lr" and value == 0):
+                raise ConfigError(f"{path} must be {'> 0' if path == 'training.lr' else '>= 0'}, got {value}")
+        if self.server.sampling not in ("prior", "gmm"):
+            raise ConfigError(f"server.sampling must be prior or gmm, not {self.server.sampling!r}")
+        if self.strategy.name not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy.name!r}; choose one of {list(STRATEGIES)}")
+        if self.clients is not None:
+            if not isinstance(self.clients, list) or len(self.clients) != self.partition.n_clients:
+                raise ConfigError(f"clients must list one model spec per client ({self.partition.n_clients})")
+            if not all(isinstance(c, dict) for c in self.clients):
+                raise ConfigError("each entry of clients must be a model spec mapping")
+        specs = self.client_specs()
+        self.server_spec()
+        if self.strategy.name in ("fedavg", "fedprox") and any(s != specs[0] for s in specs):
+            raise ConfigError(f"{self.strategy.name} averages parameters and needs one architecture for all "
+                              "clients; the clients list differs")
+        return self
+
+
+# -------------------------------------------------------------------- parsing
+def _coerce(value, hint, path: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, inner, path)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data, path: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'the config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}{where}; "
+                          f"allowed: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> ExperimentConfig:
+    return _build(ExperimentConfig, data, "").validate()
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a YAML mapping, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {dotted}: {key} is not a mapping")
+        node[leaf] = value
+    return from_dict(data)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+

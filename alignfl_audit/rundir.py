@@ -1,0 +1,85 @@
+"""The run directory: the contract between training, audit and report.
+
+Files are written atomically (write, then rename). ``status.json`` says whether a run is
+``running``, ``failed`` or ``complete``; ``metrics.json`` is written only when a run completes,
+so a run directory without both never looks complete.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+
+def atomic_write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    tmp.replace(path)
+    return path
+
+
+def _jsonable(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, out: str | Path | None, name: str, seed: int, base: str | Path = "runs") -> "RunDir":
+        """Make a fresh directory; an existing one is never reused or overwritten."""
+        if out is not None:
+            path = Path(out)
+            if path.exists() and any(path.iterdir()):
+                from federation.errors import ConfigError
+                raise ConfigError(f"output directory {path} already exists and is not empty; choose another --out")
+        else:
+            stem = Path(base) / f"{name}-seed{seed}"
+            path, n = stem, 1
+            while path.exists():
+                n += 1
+                path = stem.with_name(f"{stem.name}-{n}")
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        run.set_status("running")
+        return run
+
+    def file(self, *parts: str) -> Path:
+        return self.path.joinpath(*parts)
+
+    def write_json(self, name: str, obj) -> Path:
+        return atomic_write(self.file(name), json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+    def read_json(self, name: str):
+        return json.loads(self.file(name).read_text())
+
+    def write_csv(self, name: str, rows: list[dict]) -> Path:
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        return atomic_write(self.file(name), buf.getvalue())
+
+    def shared_round(self, rnd: int) -> Path:
+        return self.file("shared", f"round-{rnd}")
+
+    def set_status(self, state: str, **info) -> None:
+        self.write_json("status.json", {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
+
+    def is_complete(self) -> bool:
+        try:
+            return self.read_json("status.json")["state"] == "complete" and self.file("metrics.json").is_file()
+        except (OSError, ValueError, KeyError):
+            return False

@@ -1,0 +1,1 @@
+"""The adversary: attacks that see only what a run shared (decoders, specs) and candidate records."""

@@ -1,0 +1,50 @@
+"""A stateful federated client: it keeps its whole VAE and optimizer across rounds."""
+from __future__ import annotations
+
+import torch
+
+from federation.latent_gmm import ARTIFACT, fit_latent_gmm
+from federation.messages import Upload
+from federation.models import VAE
+from federation.training import TrainSettings, encode_mu, train_epochs
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+class Client:
+    def __init__(self, client_id: int, spec: dict, data: torch.Tensor, settings: TrainSettings, seed: int):
+        self.id = client_id
+        self.data = data  # private: never leaves this object except through its decoder upload
+        self.settings = settings
+        self.seed = seed
+        torch.manual_seed(int(seeded_generator(seed, 1, client_id).initial_seed()))
+        self.vae = VAE(spec)
+        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=settings.lr)
+        self.generator = seeded_generator(seed, 2, client_id)
+
+    def train_round(self, prox_mu: float = 0.0, prox_ref: dict | None = None) -> float:
+        return train_epochs(self.vae, self.optimizer, self.data, self.settings.local_epochs,
+                            self.settings.batch_size, self.settings.lambda_kl, self.generator,
+                            prox_mu, prox_ref)
+
+    def decoder_upload(self, rnd: int, gmm_components: int = 0) -> Upload:
+        """ALIGN-FL's message: the decoder and its spec (plus a latent GMM only when configured)."""
+        extras = {}
+        if gmm_components:
+            extras[ARTIFACT] = fit_latent_gmm(encode_mu(self.vae, self.data), gmm_components,
+                                              seed=self.seed * 100 + self.id)
+        state = {k: v.clone() for k, v in self.vae.decoder.state_dict().items()}
+        return Upload(self.id, rnd, "decoder", dict(self.vae.spec), state, len(self.data), extras)
+
+    def full_upload(self, rnd: int) -> Upload:
+        """FedAvg/FedProx's message: the whole VAE."""
+        state = {k: v.clone() for k, v in self.vae.state_dict().items()}
+        return Upload(self.id, rnd, "vae", dict(self.vae.spec), state, len(self.data))
+
+    def load_global(self, state: dict[str, torch.Tensor]) -> None:
+        self.vae.load_state_dict(state)

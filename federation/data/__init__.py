@@ -1,0 +1,1 @@
+"""Data: IDX reading, data-source resolution, the embedded subset and partitioning."""

@@ -1,0 +1,158 @@
+"""Split a dataset across clients: class-disjoint or Dirichlet(alpha), with held-out pools that
+no model trains on, and cross-domain outliers tracked by index.
+
+Record ids are row indices into the train split of their dataset (the main dataset for client
+records and held-out pools, the outlier dataset for outliers and their controls).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from federation.errors import ConfigError
+
+NUM_CLASSES = 10
+
+
+@dataclass
+class OutlierSpec:
+    count: int = 0
+    client: int = 0
+    holdout: int = 0  # never-seen items of the outlier source: controls / non-members
+    source: str | None = None  # default: the other dataset
+
+
+@dataclass
+class PartitionSpec:
+    scheme: str = "class_disjoint"  # class_disjoint | dirichlet
+    client_classes: list = field(default_factory=lambda: [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]])
+    num_clients: int = 5  # dirichlet only
+    alpha: float = 0.5  # dirichlet only
+    samples_per_class: int = 6000
+    holdout_per_class: int = 500
+    outliers: OutlierSpec = field(default_factory=OutlierSpec)
+
+    @property
+    def n_clients(self) -> int:
+        return len(self.client_classes) if self.scheme == "class_disjoint" else self.num_clients
+
+    def validate(self) -> None:
+        if self.scheme not in ("class_disjoint", "dirichlet"):
+            raise ConfigError(f"partition.scheme must be class_disjoint or dirichlet, not {self.scheme!r}")
+        if self.n_clients > NUM_CLASSES:
+            raise ConfigError(f"more clients ({self.n_clients}) than classes ({NUM_CLASSES})")
+        if self.n_clients < 1:
+            raise ConfigError("partition needs at least one client")
+        if self.scheme == "class_disjoint":
+            seen: dict[int, int] = {}
+            for k, classes in enumerate(self.client_classes):
+                if not isinstance(classes, list) or not classes:
+                    raise ConfigError(f"partition.client_classes[{k}] must be a non-empty list of classes")
+                for c in classes:
+                    if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < NUM_CLASSES:
+                        raise ConfigError(f"partition.client_classes[{k}]: class {c!r} is out of range 0..9")
+                    if c in seen:
+                        raise ConfigError(f"partition.client_classes: class {c} is given to clients {seen[c]} and {k}")
+                    seen[c] = k
+        elif not self.alpha > 0:
+            raise ConfigError(f"partition.alpha must be > 0, got {self.alpha}")
+        if self.samples_per_class <= 0:
+            raise ConfigError(f"partition.samples_per_class must be > 0, got {self.samples_per_class}")
+        if self.holdout_per_class < 0:
+            raise ConfigError(f"partition.holdout_per_class must be >= 0, got {self.holdout_per_class}")
+        o = self.outliers
+        if o.count < 0 or o.holdout < 0:
+            raise ConfigError("partition.outliers.count and .holdout must be >= 0")
+        if not 0 <= o.client < self.n_clients:
+            raise ConfigError(f"partition.outliers.client {o.client} is not a client (0..{self.n_clients - 1})")
+
+
+@dataclass
+class ClientShard:
+    client: int
+    classes: list[int]
+    train_ids: np.ndarray  # into the main dataset's train split
+    outlier_ids: np.ndarray  # into the outlier dataset's train split
+    holdout_ids: np.ndarray  # main dataset, the client's distribution, never trained on
+    class_counts: dict[int, int]
+
+    def to_json(self) -> dict:
+        return {"client": self.client, "classes": self.classes,
+                "class_counts": {str(c): n for c, n in sorted(self.class_counts.items())},
+                "n_train": int(len(self.train_ids) + len(self.outlier_ids)),
+                "train_ids": self.train_ids.tolist(), "outlier_ids": self.outlier_ids.tolist(),
+                "holdout_ids": self.holdout_ids.tolist()}
+
+
+@dataclass
+class Partition:
+    dataset: str
+    outlier_dataset: str
+    scheme: str
+    shards: list[ClientShard]
+    outlier_control_ids: np.ndarray  # outlier source, never trained on
+    seed: int
+
+    def to_json(self) -> dict:
+        return {"dataset": self.dataset, "outlier_dataset": self.outlier_dataset, "scheme": self.scheme,
+                "seed": self.seed, "id_space": "row index into the train split of the named dataset",
+                "test_split": "the dataset's full test split (IID, shared by all metrics)",
+                "clients": [s.to_json() for s in self.shards],
+                "outliers": {"dataset": self.outlier_dataset,
+                             "client": next((s.client for s in self.shards if len(s.outlier_ids)), None),
+                             "ids": np.concatenate([s.outlier_ids for s in self.shards]).tolist(),
+                             "control_ids": self.outlier_control_ids.tolist()}}
+
+
+def make_partition(spec: PartitionSpec, labels: np.ndarray, outlier_labels: np.ndarray,
+                   dataset: str, outlier_dataset: str, seed: int) -> Partition:
+    """Assign record ids to clients. Held-out pools are taken first from each class."""
+    spec.validate()
+    rng = np.random.default_rng([seed, 0xDA7A])
+    k = spec.n_clients
+    train: list[list[np.ndarray]] = [[] for _ in range(k)]
+    hold: list[list[np.ndarray]] = [[] for _ in range(k)]
+    counts: list[dict[int, int]] = [{} for _ in range(k)]
+    owner = {c: i for i, cs in enumerate(spec.client_classes) for c in cs} if spec.scheme == "class_disjoint" else {}
+    for c in range(NUM_CLASSES):
+        if spec.scheme == "class_disjoint" and c not in owner:
+            continue
+        pool = rng.permutation(np.flatnonzero(labels == c))
+        if len(pool) <= spec.holdout_per_class:
+            raise ConfigError(f"class {c} of {dataset} has {len(pool)} training images; cannot reserve a "
+                              f"held-out pool of {spec.holdout_per_class} and still train on it")
+        held, rest = pool[:spec.holdout_per_class], pool[spec.holdout_per_class:][:spec.samples_per_class]
+        if spec.scheme == "class_disjoint":
+            shares = np.zeros(k)
+            shares[owner[c]] = 1.0
+        else:
+            shares = rng.dirichlet(np.full(k, spec.alpha))
+        for i, (tr, ho) in enumerate(zip(_split(rest, shares), _split(held, shares))):
+            if len(tr):
+                train[i].append(tr)
+                counts[i][c] = len(tr)
+            if len(ho):
+                hold[i].append(ho)
+    o = spec.outliers
+    opool = rng.permutation(len(outlier_labels))
+    if o.count + o.holdout > len(opool):
+        raise ConfigError(f"{outlier_dataset} has {len(opool)} training images; cannot take {o.count} outliers "
+                          f"and {o.holdout} controls")
+    controls, outliers = opool[:o.holdout], opool[o.holdout:o.holdout + o.count]
+    shards = []
+    for i in range(k):
+        ids = np.sort(np.concatenate(train[i])) if train[i] else np.zeros(0, np.int64)
+        if not len(ids):
+            raise ConfigError(f"client {i} received no training records (try a larger partition.alpha)")
+        shards.append(ClientShard(
+            client=i, classes=sorted(counts[i]), train_ids=ids,
+            outlier_ids=np.sort(outliers) if i == o.client else np.zeros(0, np.int64),
+            holdout_ids=np.sort(np.concatenate(hold[i])) if hold[i] else np.zeros(0, np.int64),
+            class_counts=counts[i]))
+    return Partition(dataset, outlier_dataset, spec.scheme, shards, np.sort(controls), seed)
+
+
+def _split(ids: np.ndarray, shares: np.ndarray) -> list[np.ndarray]:
+    cuts = np.floor(np.cumsum(shares)[:-1] * len(ids) + 1e-9).astype(int)
+    return np.split(ids, cuts)

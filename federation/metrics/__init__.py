@@ -1,0 +1,1 @@
+"""Utility metrics: the paper's linear probe, domain-CNN FID, TSTR accuracy and figures."""

@@ -1,0 +1,153 @@
+"""VAE architectures behind a small registry. Each architecture is described by a JSON-serializable
+spec; the server rebuilds a decoder from its spec alone (``build_decoder``)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from federation.errors import ConfigError
+
+IMAGE_SHAPE = (1, 28, 28)
+PIXELS = 28 * 28
+
+
+def _positive_int(value, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _int_list(value, what: str, length: int | None = None) -> list[int]:
+    if not isinstance(value, list) or not value or (length is not None and len(value) != length):
+        need = f"{length} " if length else "a non-empty list of "
+        raise ConfigError(f"{what} must be {need}positive integers, got {value!r}")
+    return [_positive_int(v, what) for v in value]
+
+
+# ---------------------------------------------------------------- MLP (the paper's model)
+def _mlp_spec(spec: dict) -> dict:
+    return {"arch": "mlp", "latent_dim": _positive_int(spec.get("latent_dim", 2), "model.latent_dim"),
+            "hidden": _int_list(spec.get("hidden", [512, 256, 128]), "model.hidden")}
+
+
+def _mlp_encoder(spec: dict) -> nn.Module:
+    return MLPEncoder(spec["hidden"], spec["latent_dim"])
+
+
+def _mlp_decoder(spec: dict) -> nn.Module:
+    layers: list[nn.Module] = []
+    width = spec["latent_dim"]
+    for h in reversed(spec["hidden"]):
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers += [nn.Linear(width, PIXELS), nn.Sigmoid(), nn.Unflatten(1, IMAGE_SHAPE)]
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Module):
+    def __init__(self, hidden: list[int], latent_dim: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = PIXELS
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.mu = nn.Linear(width, latent_dim)
+        self.logvar = nn.Linear(width, latent_dim)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.mu(h), self.logvar(h)
+
+
+# ---------------------------------------------------------------- convolutional VAE
+def _conv_spec(spec: dict) -> dict:
+    return {"arch": "conv", "latent_dim": _positive_int(spec.get("latent_dim", 2), "model.latent_dim"),
+            "channels": _int_list(spec.get("channels", [32, 64]), "model.channels", length=2),
+            "fc": _positive_int(spec.get("fc", 256), "model.fc")}
+
+
+class ConvEncoder(nn.Module):
+    def __init__(self, channels: list[int], fc: int, latent_dim: int):
+        super().__init__()
+        c1, c2 = channels
+        self.body = nn.Sequential(
+            nn.Conv2d(1, c1, 4, 2, 1), nn.ReLU(),  # 28 -> 14
+            nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),  # 14 -> 7
+            nn.Flatten(), nn.Linear(c2 * 49, fc), nn.ReLU())
+        self.mu = nn.Linear(fc, latent_dim)
+        self.logvar = nn.Linear(fc, latent_dim)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.mu(h), self.logvar(h)
+
+
+def _conv_encoder(spec: dict) -> nn.Module:
+    return ConvEncoder(spec["channels"], spec["fc"], spec["latent_dim"])
+
+
+def _conv_decoder(spec: dict) -> nn.Module:
+    c1, c2 = spec["channels"]
+    return nn.Sequential(
+        nn.Linear(spec["latent_dim"], spec["fc"]), nn.ReLU(),
+        nn.Linear(spec["fc"], c2 * 49), nn.ReLU(), nn.Unflatten(1, (c2, 7, 7)),
+        nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),  # 7 -> 14
+        nn.ConvTranspose2d(c1, 1, 4, 2, 1), nn.Sigmoid())  # 14 -> 28
+
+
+# ---------------------------------------------------------------- registry
+ARCHITECTURES: dict[str, tuple[Callable, Callable, Callable]] = {
+    "mlp": (_mlp_spec, _mlp_encoder, _mlp_decoder),
+    "conv": (_conv_spec, _conv_encoder, _conv_decoder),
+}
+
+
+def normalize_spec(spec: dict) -> dict:
+    """Validate a model spec and fill in defaults; unknown keys or architectures are errors."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"a model spec must be a mapping, got {type(spec).__name__}")
+    arch = spec.get("arch", "mlp")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    normal = ARCHITECTURES[arch][0](spec)
+    extra = set(spec) - set(normal)
+    if extra:
+        raise ConfigError(f"model spec for {arch!r} has unknown keys {sorted(extra)}")
+    return normal
+
+
+def build_decoder(spec: dict) -> nn.Module:
+    spec = normalize_spec(spec)
+    return ARCHITECTURES[spec["arch"]][2](spec)
+
+
+class VAE(nn.Module):
+    """A VAE whose ``decoder`` is a self-contained module: the only part a client shares."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = normalize_spec(spec)
+        _, make_encoder, make_decoder = ARCHITECTURES[self.spec["arch"]]
+        self.encoder = make_encoder(self.spec)
+        self.decoder = make_decoder(self.spec)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.spec["latent_dim"]
+
+    def forward(self, x: torch.Tensor):
+        mu, logvar = self.encoder(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.decoder(z), mu, logvar
+
+
+def vae_loss(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+             lambda_kl: float) -> torch.Tensor:
+    """Per-sample summed MSE (batch mean) + lambda_kl * KL averaged over batch and latent dims."""
+    mse = ((recon - x) ** 2).flatten(1).sum(1).mean()
+    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean()
+    return mse + lambda_kl * kl

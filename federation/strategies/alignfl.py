@@ -1,0 +1,58 @@
+"""ALIGN-FL: clients upload only their decoders; the server trains a global VAE on synthetic data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from federation.client import Client
+from federation.errors import UploadRejected
+from federation.messages import load_upload, write_upload
+from federation.server import AlignFLServer
+from federation.training import TrainSettings
+
+
+class AlignFL:
+    name = "alignfl"
+
+    def __init__(self, clients: list[Client], settings: TrainSettings, server_spec: dict, seed: int, *,
+                 samples_per_client: int, server_epochs: int, sampling: str = "prior", gmm_components: int = 10,
+                 **_):
+        self.clients = clients
+        self.rounds = settings.rounds
+        self.server = AlignFLServer(server_spec, settings, seed, sampling)
+        self.samples_per_client = samples_per_client
+        self.server_epochs = server_epochs
+        self.gmm_components = gmm_components if sampling == "gmm" else 0
+        self.last_synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def shared_artifacts(self) -> list[str]:
+        return ["decoder", "decoder_spec"] + (["latent_gmm"] if self.gmm_components else [])
+
+    def run_round(self, rnd: int, shared_dir: Path, tick=lambda msg: None) -> dict:
+        record: dict = {"round": rnd, "rejected": {}}
+        for client in self.clients:
+            tick(f"round {rnd} client {client.id}")
+            record[f"client{client.id}_loss"] = client.train_round()
+            path = write_upload(client.decoder_upload(rnd, self.gmm_components), shared_dir)
+            try:
+                self.server.accept(load_upload(path))
+            except UploadRejected as err:  # the client is left out of this round; the others carry on
+                record["rejected"][client.id] = str(err)
+        tick(f"round {rnd} server")
+        if self.server.decoders:
+            x, y = self.server.synthesize(self.samples_per_client)
+            record["server_loss"] = self.server.train_global(x, self.server_epochs)
+            self.last_synthetic = (x, y)
+        return record
+
+    @property
+    def global_vae(self):
+        return self.server.vae
+
+    def client_decoders(self) -> dict[int, torch.nn.Module]:
+        return {cid: dec for cid, (dec, _) in self.server.decoders.items()}
+
+    def synthetic_set(self):
+        return self.last_synthetic

@@ -1,0 +1,1 @@
+"""HTML privacy-utility reports: renders evidence, computes no metric."""

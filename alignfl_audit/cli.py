@@ -43,6 +43,52 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _epsilon(args: argparse.Namespace) -> int:
+    import json
+
+    from alignfl_audit.accounting import epsilons, ledger_epsilons
+    from federation.errors import ConfigError
+
+    if args.ledger:
+        from alignfl_audit.rundir import RunDir
+
+        path = RunDir(args.ledger).file("privacy_ledger.json")
+        try:
+            result = ledger_epsilons(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise ConfigError(f"cannot read a privacy ledger at {path}: {err}") from None
+    else:
+        missing = [f for f, v in (("--sampling-rate", args.sampling_rate), ("--noise-multiplier", args.noise_multiplier),
+                                  ("--steps", args.steps), ("--delta", args.delta)) if v is None]
+        if missing:
+            raise ConfigError(f"epsilon needs --ledger RUN_DIR, or all of {', '.join(missing)}")
+        result = epsilons([(args.noise_multiplier, args.sampling_rate, args.steps)], args.delta)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    if "accountants" in result:
+        _print_accounting(result, args.delta)
+        return 0
+    print(f"mechanism: {result['mechanism']}; formal guarantee: {'yes' if result['formal_guarantee'] else 'NO'}")
+    if not result["formal_guarantee"]:
+        print(f"no epsilon: {result.get('epsilon_withheld') or result['note']}")
+        return 0
+    for cid, res in result["clients"].items():
+        print(f"client {cid}:")
+        _print_accounting(res, result["delta"])
+    return 0
+
+
+def _print_accounting(res: dict, delta: float) -> None:
+    for name, r in res["accountants"].items():
+        value = f"{r['epsilon']:.4f}" if r["epsilon"] is not None else f"failed ({r['error']})"
+        print(f"  {name:<18} epsilon = {value}")
+    h = res["headline"]
+    print(f"  headline: epsilon = {h['epsilon']:.4f} at delta = {delta:g} ({h['accountant']}, the tightest valid)")
+    for flag in res["flags"]:
+        print(f"  WARNING: {flag}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -65,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set training.rounds=5 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_run)
+
+    eps = sub.add_parser(
+        "epsilon", help="epsilon from every accountant, for given DP-SGD parameters or a run's ledger",
+        description="Compute epsilon with Opacus RDP, Opacus PRV, dp-accounting RDP and dp-accounting PLD, "
+                    "either for one Poisson-subsampled Gaussian mechanism (--sampling-rate, --noise-multiplier, "
+                    "--steps, --delta) or per client from a run's privacy_ledger.json (--ledger RUN_DIR).")
+    eps.add_argument("--ledger", metavar="RUN_DIR", help="a run directory holding privacy_ledger.json")
+    eps.add_argument("--sampling-rate", type=float, metavar="Q")
+    eps.add_argument("--noise-multiplier", type=float, metavar="SIGMA")
+    eps.add_argument("--steps", type=int, metavar="T")
+    eps.add_argument("--delta", type=float, metavar="D")
+    eps.add_argument("--json", action="store_true", help="print JSON")
+    eps.set_defaults(func=_epsilon)
     return parser
 
 
@@ -79,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a command that stopped reading (e.g. head)
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

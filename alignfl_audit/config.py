@@ -19,6 +19,7 @@ from federation.data.partition import PartitionSpec
 from federation.data.sources import OTHER_DATASET, check_dataset_name
 from federation.errors import ConfigError, DataError
 from federation.models import normalize_spec
+from federation.privacy.spec import PrivacySpec
 from federation.training import TrainSettings
 
 STRATEGIES = ("alignfl", "fedavg", "fedprox", "centralized")
@@ -70,6 +71,7 @@ class ExperimentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
 
     # ---------------------------------------------------------------- derived
     @property
@@ -79,11 +81,17 @@ class ExperimentConfig:
     def client_specs(self) -> list[dict]:
         n = self.partition.n_clients
         if self.clients is None:
-            return [normalize_spec(self.model) for _ in range(n)]
+            return self._constrained([normalize_spec(self.model) for _ in range(n)])
         default_arch = self.model.get("arch", "mlp")
         # a client entry overrides the default model; a different architecture starts from its own defaults
-        return [normalize_spec({**self.model, **c} if c.get("arch", default_arch) == default_arch else c)
-                for c in self.clients]
+        specs = [normalize_spec({**self.model, **c} if c.get("arch", default_arch) == default_arch else c)
+                 for c in self.clients]
+        return self._constrained(specs)
+
+    def _constrained(self, specs: list[dict]) -> list[dict]:
+        if self.privacy.mechanism == "lcd-spectral":  # the hard Lipschitz constraint lives in the spec
+            specs = [{**s, "spectral_norm": True} for s in specs]
+        return specs
 
     def server_spec(self) -> dict:
         return normalize_spec(self.server.model if self.server.model is not None else self.model)
@@ -129,6 +137,10 @@ class ExperimentConfig:
                 raise ConfigError(f"clients must list one model spec per client ({self.partition.n_clients})")
             if not all(isinstance(c, dict) for c in self.clients):
                 raise ConfigError("each entry of clients must be a model spec mapping")
+        self.privacy.validate()
+        if self.privacy.mechanism != "none" and self.strategy.name in ("fedavg", "fedprox"):
+            raise ConfigError(f"privacy.mechanism {self.privacy.mechanism!r} is implemented for the alignfl and "
+                              f"centralized strategies, not {self.strategy.name}")
         specs = self.client_specs()
         self.server_spec()
         if self.strategy.name in ("fedavg", "fedprox") and any(s != specs[0] for s in specs):

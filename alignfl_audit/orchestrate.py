@@ -1,6 +1,7 @@
 """From a validated config to a finished run directory: data, partition, training, metrics."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alignfl_audit.accounting import ledger_epsilons
 from alignfl_audit.config import ExperimentConfig, dump_config
 from alignfl_audit.rundir import RunDir
 from federation.client import Client
@@ -19,6 +21,9 @@ from federation.errors import DataError
 from federation.metrics.domain_cnn import domain_cnn
 from federation.metrics.tstr import class_owner
 from federation.metrics.utility import evaluate, probe
+from federation.privacy.budget import calibrate_noise, check_adaptive
+from federation.privacy.dp_sgd import DPPlan, make_plan
+from federation.privacy.ledger import PrivacyLedger
 from federation.strategies import STRATEGY_CLASSES
 from federation.training import to_tensor
 
@@ -61,6 +66,49 @@ def client_tensors(data: LoadedData, partition: Partition) -> list[torch.Tensor]
     return out
 
 
+@dataclass
+class TrainingUnit:
+    """What one client (or the centralized reference's pooled data) trains with."""
+
+    spec: dict
+    data: torch.Tensor
+    settings: object
+    dp_plan: DPPlan | None = None
+
+
+def training_units(cfg: ExperimentConfig, data: LoadedData, partition: Partition) -> list[TrainingUnit]:
+    tensors = client_tensors(data, partition)
+    specs = cfg.client_specs()
+    if cfg.strategy.name == "centralized":
+        settings = dataclasses.replace(cfg.training, rounds=1, local_epochs=cfg.strategy.epochs)
+        units = [TrainingUnit(specs[0], torch.cat(tensors), settings)]
+    else:
+        units = [TrainingUnit(spec, x, cfg.training) for spec, x in zip(specs, tensors)]
+    if cfg.privacy.is_dp:
+        for k, unit in enumerate(units):
+            n = len(unit.data)
+            cfg.privacy.check_client(k, n)
+            plan = make_plan(cfg.privacy, n, unit.settings.batch_size, 0.0)
+            total = unit.settings.rounds * unit.settings.local_epochs * plan.steps_per_epoch
+            plan.noise_multiplier = calibrate_noise(cfg.privacy, plan.sample_rate, total)
+            if plan.unclipped_num_std is not None:
+                check_adaptive(cfg.privacy, plan.noise_multiplier, plan.unclipped_num_std)
+            unit.dp_plan = plan
+    return units
+
+
+def new_ledger(cfg: ExperimentConfig, units: list[TrainingUnit]) -> PrivacyLedger:
+    p = cfg.privacy
+    return PrivacyLedger(
+        mechanism=p.mechanism, formal_guarantee=p.formal_guarantee(), note=p.guarantee_note(),
+        delta=p.delta if p.is_dp else None, target_epsilon=p.target_epsilon if p.is_dp else None,
+        clients={str(k): {"n": len(u.data), **({"sample_rate": u.dp_plan.sample_rate,
+                                                  "noise_multiplier": u.dp_plan.noise_multiplier,
+                                                  "planned_steps": u.settings.rounds * u.settings.local_epochs
+                                                  * u.dp_plan.steps_per_epoch} if u.dp_plan else {})}
+                 for k, u in enumerate(units)})
+
+
 def build_strategy(cfg: ExperimentConfig, clients: list[Client]):
     cls = STRATEGY_CLASSES[cfg.strategy.name]
     return cls(clients, cfg.training, cfg.server_spec(), cfg.seed,
@@ -81,22 +129,23 @@ def run_experiment(cfg: ExperimentConfig, data_root: str | Path | None = None, o
     partition = make_partition(cfg.partition, data.train.labels,
                                data.outlier_train.labels if data.outlier_train is not None else np.zeros(0),
                                cfg.data.dataset, cfg.outlier_dataset, cfg.seed)
-    specs = cfg.client_specs()
+    units = training_units(cfg, data, partition)  # refuses impossible privacy budgets before training
     run = RunDir.create(out, cfg.name, cfg.seed)
     try:
         run.file("config.resolved.yaml").write_text(dump_config(cfg))
         run.write_json("partition.json", partition.to_json())
-        _train_and_evaluate(cfg, data, partition, specs, run, quiet, started)
+        _train_and_evaluate(cfg, data, partition, units, run, quiet, started)
     except BaseException as err:
         run.set_status("failed", error=f"{type(err).__name__}: {err}")
         raise
     return run
 
 
-def _train_and_evaluate(cfg, data, partition, specs, run: RunDir, quiet: bool, started: float) -> None:
+def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, started: float) -> None:
     torch.manual_seed(cfg.seed)
-    tensors = client_tensors(data, partition)
-    clients = [Client(i, spec, x, cfg.training, cfg.seed) for i, (spec, x) in enumerate(zip(specs, tensors))]
+    ledger = new_ledger(cfg, units)
+    clients = [Client(i, u.spec, u.data, u.settings, cfg.seed, cfg.privacy, u.dp_plan, ledger)
+               for i, u in enumerate(units)]
     strategy = build_strategy(cfg, clients)
     test_x, test_y = to_tensor(data.test.images), data.test.labels
     steps = strategy.rounds * (len(clients) + 1) if strategy.rounds and cfg.strategy.name != "centralized" else 1
@@ -112,6 +161,7 @@ def _train_and_evaluate(cfg, data, partition, specs, run: RunDir, quiet: bool, s
             if cfg.metrics.probe_every_round:
                 record.update(probe(strategy.global_vae, test_x, test_y, cfg.seed, cfg.metrics.probe_max_iter))
             rows.append(record)
+            run.write_json("privacy_ledger.json", ledger.to_json())
     train_seconds = time.perf_counter() - started
     cnn = domain_cnn(cfg.data.dataset, to_tensor(data.train.images), torch.as_tensor(data.train.labels),
                      _digest(data.train.files), cfg.seed, cfg.metrics.domain_cnn_epochs)
@@ -124,9 +174,7 @@ def _train_and_evaluate(cfg, data, partition, specs, run: RunDir, quiet: bool, s
         "name": cfg.name, "strategy": strategy.name, "seed": cfg.seed, "config_sha256": cfg.digest(),
         "utility": utility, "notes": notes,
         "shared_artifacts": shared,
-        "privacy": {"mechanism": "none", "formal_guarantee": False, "epsilon": None,
-                    "note": "no privacy mechanism: the shared artifacts carry no formal DP guarantee"
-                            + ("; the latent GMM is fitted on private latents" if "latent_gmm" in shared else "")},
+        "privacy": privacy_block(ledger, shared),
         "rejected_uploads": rejected,
         "data": data.provenance,
         "partition": {"clients": [{"client": s.client, "classes": s.classes,
@@ -139,6 +187,20 @@ def _train_and_evaluate(cfg, data, partition, specs, run: RunDir, quiet: bool, s
         "torch_threads": torch.get_num_threads(),
     }
     run.write_csv("rounds.csv", rows)
-    run.write_json("privacy_ledger.json", {"mechanism": "none", "events": []})
+    run.write_json("privacy_ledger.json", ledger.to_json())
     run.write_json("metrics.json", metrics)
     run.set_status("complete")
+
+
+def privacy_block(ledger: PrivacyLedger, shared: list[str]) -> dict:
+    """metrics.json's privacy block: epsilon per client and accountant, only where it is formal."""
+    block = ledger_epsilons(ledger.to_json())
+    if "latent_gmm" in shared:
+        block["extra_artifacts"] = {"latent_gmm": "a Gaussian mixture fitted on each client's private latents is "
+                                                  "shared with no DP treatment: no formal guarantee covers it"}
+        if block["formal_guarantee"]:
+            block["formal_guarantee"] = False
+            block["epsilon_withheld"] = ("DP-SGD covers the decoder, but the shared latent GMM has no formal "
+                                         "guarantee, so no epsilon holds for what was shared")
+            block["clients"] = {}
+    return block

@@ -26,10 +26,26 @@ def _int_list(value, what: str, length: int | None = None) -> list[int]:
     return [_positive_int(v, what) for v in value]
 
 
+def _flag(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
+def _spectral(decoder: nn.Module, spec: dict) -> nn.Module:
+    """LCD-VAE's hard constraint: spectral normalization of every decoder weight."""
+    if spec.get("spectral_norm"):
+        for module in decoder.modules():
+            if isinstance(module, (nn.Linear, nn.ConvTranspose2d)):
+                nn.utils.parametrizations.spectral_norm(module)
+    return decoder
+
+
 # ---------------------------------------------------------------- MLP (the paper's model)
 def _mlp_spec(spec: dict) -> dict:
     return {"arch": "mlp", "latent_dim": _positive_int(spec.get("latent_dim", 2), "model.latent_dim"),
-            "hidden": _int_list(spec.get("hidden", [512, 256, 128]), "model.hidden")}
+            "hidden": _int_list(spec.get("hidden", [512, 256, 128]), "model.hidden"),
+            "spectral_norm": _flag(spec.get("spectral_norm", False), "model.spectral_norm")}
 
 
 def _mlp_encoder(spec: dict) -> nn.Module:
@@ -43,7 +59,7 @@ def _mlp_decoder(spec: dict) -> nn.Module:
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
     layers += [nn.Linear(width, PIXELS), nn.Sigmoid(), nn.Unflatten(1, IMAGE_SHAPE)]
-    return nn.Sequential(*layers)
+    return _spectral(nn.Sequential(*layers), spec)
 
 
 class MLPEncoder(nn.Module):
@@ -67,7 +83,8 @@ class MLPEncoder(nn.Module):
 def _conv_spec(spec: dict) -> dict:
     return {"arch": "conv", "latent_dim": _positive_int(spec.get("latent_dim", 2), "model.latent_dim"),
             "channels": _int_list(spec.get("channels", [32, 64]), "model.channels", length=2),
-            "fc": _positive_int(spec.get("fc", 256), "model.fc")}
+            "fc": _positive_int(spec.get("fc", 256), "model.fc"),
+            "spectral_norm": _flag(spec.get("spectral_norm", False), "model.spectral_norm")}
 
 
 class ConvEncoder(nn.Module):
@@ -92,11 +109,11 @@ def _conv_encoder(spec: dict) -> nn.Module:
 
 def _conv_decoder(spec: dict) -> nn.Module:
     c1, c2 = spec["channels"]
-    return nn.Sequential(
+    return _spectral(nn.Sequential(
         nn.Linear(spec["latent_dim"], spec["fc"]), nn.ReLU(),
         nn.Linear(spec["fc"], c2 * 49), nn.ReLU(), nn.Unflatten(1, (c2, 7, 7)),
         nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),  # 7 -> 14
-        nn.ConvTranspose2d(c1, 1, 4, 2, 1), nn.Sigmoid())  # 14 -> 28
+        nn.ConvTranspose2d(c1, 1, 4, 2, 1), nn.Sigmoid()), spec)  # 14 -> 28
 
 
 # ---------------------------------------------------------------- registry
@@ -140,14 +157,26 @@ class VAE(nn.Module):
         return self.spec["latent_dim"]
 
     def forward(self, x: torch.Tensor):
+        recon, mu, logvar, _ = self.forward_with_latent(x)
+        return recon, mu, logvar
+
+    def forward_with_latent(self, x: torch.Tensor, decoder: nn.Module | None = None):
+        """(recon, mu, logvar, z); ``decoder`` replaces the own decoder (e.g. an Opacus wrapper of it)."""
         mu, logvar = self.encoder(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        return self.decoder(z), mu, logvar
+        return (decoder or self.decoder)(z), mu, logvar, z
+
+
+def vae_loss_per_sample(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                        lambda_kl: float) -> torch.Tensor:
+    """Summed squared error over pixels + lambda_kl * KL averaged over latent dims, per sample."""
+    mse = ((recon - x) ** 2).flatten(1).sum(1)
+    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean(1)
+    return mse + lambda_kl * kl
 
 
 def vae_loss(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
              lambda_kl: float) -> torch.Tensor:
-    """Per-sample summed MSE (batch mean) + lambda_kl * KL averaged over batch and latent dims."""
-    mse = ((recon - x) ** 2).flatten(1).sum(1).mean()
-    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean()
-    return mse + lambda_kl * kl
+    """The paper's loss: per-sample summed MSE (batch mean) + lambda_kl * KL averaged over batch and
+    latent dims."""
+    return vae_loss_per_sample(x, recon, mu, logvar, lambda_kl).mean()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from federation.models import VAE, vae_loss
+from federation.privacy.lcd import lcd_penalty
 
 
 @dataclass
@@ -24,10 +25,11 @@ def to_tensor(images) -> torch.Tensor:
 
 def train_epochs(vae: VAE, optimizer: torch.optim.Optimizer, data: torch.Tensor, epochs: int,
                  batch_size: int, lambda_kl: float, generator: torch.Generator,
-                 prox_mu: float = 0.0, prox_ref: dict | None = None) -> float:
+                 prox_mu: float = 0.0, prox_ref: dict | None = None, lcd_lambda: float = 0.0) -> float:
     """Shuffled mini-batch training; returns the mean loss of the last epoch.
 
-    With ``prox_mu > 0`` the FedProx term mu/2 * ||w - w_ref||^2 is added (w_ref = ``prox_ref``)."""
+    With ``prox_mu > 0`` the FedProx term mu/2 * ||w - w_ref||^2 is added (w_ref = ``prox_ref``);
+    with ``lcd_lambda > 0`` the LCD-VAE decoder gradient penalty."""
     vae.train()
     n = len(data)
     last = 0.0
@@ -36,8 +38,10 @@ def train_epochs(vae: VAE, optimizer: torch.optim.Optimizer, data: torch.Tensor,
         total, batches = 0.0, 0
         for start in range(0, n, batch_size):
             x = data[order[start:start + batch_size]]
-            recon, mu, logvar = vae(x)
+            recon, mu, logvar, z = vae.forward_with_latent(x)
             loss = vae_loss(x, recon, mu, logvar, lambda_kl)
+            if lcd_lambda > 0:
+                loss = loss + lcd_lambda * lcd_penalty(vae.decoder, z, generator)
             if prox_mu > 0 and prox_ref is not None:
                 prox = sum(((p - prox_ref[name]) ** 2).sum() for name, p in vae.named_parameters())
                 loss = loss + 0.5 * prox_mu * prox

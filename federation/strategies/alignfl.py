@@ -34,7 +34,9 @@ class AlignFL:
         record: dict = {"round": rnd, "rejected": {}}
         for client in self.clients:
             tick(f"round {rnd} client {client.id}")
-            record[f"client{client.id}_loss"] = client.train_round()
+            record[f"client{client.id}_loss"] = loss = client.train_round()
+            if loss is None:  # budget spent: nothing new leaves the client; the server keeps its last decoder
+                continue
             path = write_upload(client.decoder_upload(rnd, self.gmm_components), shared_dir)
             try:
                 self.server.accept(load_upload(path))

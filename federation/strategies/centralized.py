@@ -1,10 +1,9 @@
 """Centralized upper reference: the same VAE trained on the pooled client data (outliers included).
-Nothing is shared; it is one "round" of ``epochs`` epochs."""
+Nothing is shared. The orchestrator hands it a single pooled "client" whose local epochs are the
+reference's epochs; it runs as one round."""
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
 
 from federation.client import Client
 from federation.training import TrainSettings
@@ -15,12 +14,8 @@ class Centralized:
     shared_artifacts: list[str] = []
     rounds = 1
 
-    def __init__(self, clients: list[Client], settings: TrainSettings, server_spec: dict, seed: int, *,
-                 epochs: int, **_):
-        pooled = torch.cat([c.data for c in clients])
-        pooled_settings = TrainSettings(rounds=1, local_epochs=epochs, batch_size=settings.batch_size, lr=settings.lr,
-                              lambda_kl=settings.lambda_kl)
-        self.model = Client(-1, server_spec, pooled, pooled_settings, seed)
+    def __init__(self, clients: list[Client], settings: TrainSettings, server_spec: dict, seed: int, **_):
+        (self.model,) = clients
 
     def run_round(self, rnd: int, shared_dir: Path, tick=lambda msg: None) -> dict:
         tick("centralized training")

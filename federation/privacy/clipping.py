@@ -1,0 +1,89 @@
+"""Clip-bound rules for DP-SGD and the Opacus optimizers that apply them.
+
+- ``fixed``: a constant bound C.
+- ``adaptive``: the privatized quantile rule of Andrew et al. (2021), as in Opacus's
+  ``AdaClipDPOptimizer``: after each step C <- C * exp(-eta * (b~ - gamma)), where b~ is the
+  fraction of the batch left unclipped, counted with Gaussian noise of std ``unclipped_num_std``.
+  The gradient noise is reduced to sigma_g = (sigma^-2 - (2 sigma_b)^-2)^-1/2 so that the pair of
+  releases costs exactly the nominal sigma, which is what the accountant is given. The fraction
+  is taken over the *expected* batch size, so it does not reveal the Poisson batch size.
+- ``median-nonprivate``: the reference code's rule, C = median of the batch's un-clipped
+  per-sample gradient norms. C then depends on the private batch: no formal guarantee.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from opacus.optimizers import AdaClipDPOptimizer, DPOptimizer
+from opacus.optimizers.optimizer import _generate_noise
+
+
+def adjusted_noise_multiplier(sigma: float, unclipped_num_std: float) -> float:
+    """Gradient noise multiplier of the adaptive rule (Andrew et al., Theorem 1)."""
+    if sigma == 0:
+        return 0.0
+    return (sigma ** -2 - (2 * unclipped_num_std) ** -2) ** -0.5
+
+
+class ClipRule:
+    """Chooses the bound for each batch and updates it after the step."""
+
+    mode = "fixed"
+
+    def __init__(self, bound: float):
+        self.current = float(bound)
+
+    def bound(self, norms: torch.Tensor) -> float:
+        return self.current
+
+    def update(self, unclipped: int, generator: torch.Generator | None) -> None:
+        pass
+
+
+class MedianRule(ClipRule):
+    mode = "median-nonprivate"
+
+    def bound(self, norms: torch.Tensor) -> float:
+        if len(norms):
+            self.current = float(norms.median())
+        return self.current
+
+
+class AdaptiveRule(ClipRule):
+    mode = "adaptive"
+
+    def __init__(self, bound: float, target_quantile: float, lr: float, min_bound: float, max_bound: float,
+                 unclipped_num_std: float, expected_batch_size: float):
+        super().__init__(min(max(bound, min_bound), max_bound))
+        self.target_quantile = target_quantile
+        self.lr = lr
+        self.min_bound, self.max_bound = min_bound, max_bound
+        self.unclipped_num_std = unclipped_num_std
+        self.expected_batch_size = expected_batch_size
+
+    def update(self, unclipped: int, generator: torch.Generator | None) -> None:
+        noise = float(_generate_noise(std=self.unclipped_num_std, reference=torch.zeros(()), generator=generator))
+        fraction = (unclipped + noise) / self.expected_batch_size
+        self.current = min(max(self.current * math.exp(-self.lr * (fraction - self.target_quantile)),
+                               self.min_bound), self.max_bound)
+
+
+class ExpectedBatchAdaClipDPOptimizer(AdaClipDPOptimizer):
+    """Opacus's adaptive optimizer (hooks/functorch modes), with the unclipped fraction taken over
+    the expected batch size as in ``AdaptiveRule``."""
+
+    def update_max_grad_norm(self):
+        fraction = self.unclipped_num / self.expected_batch_size
+        self.max_grad_norm *= math.exp(-self.clipbound_learning_rate * (fraction - self.target_unclipped_quantile))
+        self.max_grad_norm = min(max(self.max_grad_norm, self.min_clipbound), self.max_clipbound)
+
+
+class MedianClipDPOptimizer(DPOptimizer):
+    """Opacus's optimizer with the non-private median bound (hooks/functorch modes)."""
+
+    def clip_and_accumulate(self):
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples], dim=1).norm(2, dim=1)
+        if len(norms):
+            self.max_grad_norm = float(norms.median())
+        super().clip_and_accumulate()

@@ -1,0 +1,51 @@
+"""The privacy ledger: every DP-SGD round of every client, as it happened.
+
+Accounting is a pure function of these records (``alignfl_audit.accounting``); the trainer
+never reports an epsilon of its own."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class DPEvent:
+    client: int
+    round: int
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    clipping: str
+    scope: str
+    grad_sample_mode: str
+    clip_bound_start: float
+    clip_bound_end: float
+
+
+@dataclass
+class PrivacyLedger:
+    mechanism: str = "none"
+    formal_guarantee: bool = False
+    note: str = ""
+    delta: float | None = None
+    target_epsilon: float | None = None
+    clients: dict = field(default_factory=dict)  # client id (str) -> {"n": records, "noise_multiplier": sigma}
+    events: list[DPEvent] = field(default_factory=list)
+
+    def record(self, event: DPEvent) -> None:
+        self.events.append(event)
+
+    def history(self, client: int) -> list[tuple[float, float, int]]:
+        """(noise multiplier, sampling rate, steps) per event, in order: the accountants' input."""
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.events if e.client == client]
+
+    def client_ids(self) -> list[int]:
+        return sorted({e.client for e in self.events} | {int(c) for c in self.clients})
+
+    def to_json(self) -> dict:
+        return {**{k: v for k, v in asdict(self).items() if k != "events"},
+                "events": [asdict(e) for e in self.events]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PrivacyLedger":
+        events = [DPEvent(**e) for e in data.get("events", [])]
+        return cls(**{k: v for k, v in data.items() if k != "events"}, events=events)

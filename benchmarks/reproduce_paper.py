@@ -1,7 +1,9 @@
 """Reproduction benchmark: ALIGN-FL against FedAvg, FedProx and the centralized upper reference on
-full MNIST / Fashion-MNIST, through the product's own CLI.
+full MNIST / Fashion-MNIST, and the privacy mechanisms, through the product's own CLI.
 
     python benchmarks/reproduce_paper.py --data-root ../shared/datasets --jobs 2
+    python benchmarks/reproduce_paper.py --data-root ../shared/datasets --datasets mnist --seeds 0 \
+        --systems dpsgd-eps1 dpsgd-eps10 lcd-0.1 lcd-1 dpsgd-decoder-eps10 dpsgd-median-eps10
 
 Each run's metrics.json is copied to benchmarks/results/<label>.json as soon as it finishes; a
 finished label is skipped on a rerun. ``summarize.py`` turns the results into the README table.
@@ -35,6 +37,18 @@ SYSTEMS = {
     "alignfl-gmm": ("paper-{ds}.yaml", ["server.sampling=gmm"]),
     "centralized-kl0.1": ("paper-{ds}.yaml", ["strategy.name=centralized", "strategy.epochs=10",
                                               "training.lambda_kl=0.1"]),
+    # privacy mechanisms on the same protocol
+    "dpsgd-eps1": ("paper-{ds}.yaml", ["privacy.mechanism=dp-sgd", "privacy.target_epsilon=1",
+                                       "privacy.delta=1e-5", "privacy.clipping=adaptive"]),
+    "dpsgd-eps10": ("paper-{ds}.yaml", ["privacy.mechanism=dp-sgd", "privacy.target_epsilon=10",
+                                        "privacy.delta=1e-5", "privacy.clipping=adaptive"]),
+    "dpsgd-decoder-eps10": ("paper-{ds}.yaml", ["privacy.mechanism=dp-sgd", "privacy.target_epsilon=10",
+                                                "privacy.delta=1e-5", "privacy.clipping=adaptive",
+                                                "privacy.scope=decoder"]),
+    "dpsgd-median-eps10": ("paper-{ds}.yaml", ["privacy.mechanism=dp-sgd", "privacy.target_epsilon=10",
+                                               "privacy.delta=1e-5", "privacy.clipping=median-nonprivate"]),
+    "lcd-0.1": ("paper-{ds}.yaml", ["privacy.mechanism=lcd", "privacy.lcd_lambda=0.1"]),
+    "lcd-1": ("paper-{ds}.yaml", ["privacy.mechanism=lcd", "privacy.lcd_lambda=1"]),
 }
 
 

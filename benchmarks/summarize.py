@@ -1,0 +1,64 @@
+"""Summarize benchmarks/results/*.json into the Markdown tables of benchmarks/README.md.
+
+    python benchmarks/summarize.py            # prints the tables
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load() -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(RESULTS.glob("*-seed*.json")):
+        label = re.sub(r"-seed\d+$", "", path.stem)
+        groups[label].append(json.loads(path.read_text()))
+    return groups
+
+
+def fmt(values: list[float], digits: int = 4) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table() -> str:
+    rows = ["| system | seeds | probe accuracy | probe F1 | domain-CNN FID | TSTR accuracy | wall time (min, each) |",
+            "|---|---|---|---|---|---|---|"]
+    for label, runs in sorted(load().items()):
+        u = [r["utility"] for r in runs]
+        walls = [r["benchmark"]["wall_seconds"] / 60 for r in runs]
+        rows.append(f"| {label} | {','.join(str(r['seed']) for r in runs)} | {fmt([x['probe_accuracy'] for x in u])} "
+                    f"| {fmt([x['probe_f1'] for x in u])} | {fmt([x['fid'] for x in u], 1)} "
+                    f"| {fmt([x['tstr_accuracy'] for x in u])} | {fmt(walls, 1)} |")
+    return "\n".join(rows)
+
+
+def bars() -> str:
+    groups = load()
+    out = []
+    for ds in ("mnist", "fmnist"):
+        def mean(system):
+            runs = groups.get(f"{ds}-{system}")
+            return statistics.mean(r["utility"]["probe_accuracy"] for r in runs) if runs else None
+        a, f, c = mean("alignfl"), mean("fedavg"), mean("centralized")
+        if None in (a, f, c):
+            continue
+        out.append(f"- {ds}: ALIGN-FL {a:.4f} vs FedAvg + 0.15 = {f + 0.15:.4f} "
+                   f"({'met' if a >= f + 0.15 else 'NOT met'}); vs 0.9 x centralized = {0.9 * c:.4f} "
+                   f"({'met' if a >= 0.9 * c else 'NOT met'}); ALIGN-FL / centralized = {a / c:.3f}")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(table())
+    print()
+    print(bars())

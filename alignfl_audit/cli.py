@@ -28,12 +28,12 @@ def _parse_sets(items: list[str] | None) -> dict:
 
 def _run(args: argparse.Namespace) -> int:
     from alignfl_audit.config import load_config
-    from alignfl_audit.orchestrate import run_experiment
 
     overrides = _parse_sets(args.set)
     if args.seed is not None:
         overrides["seed"] = args.seed
     cfg = load_config(args.config, overrides)
+    from alignfl_audit.orchestrate import run_experiment  # the training stack loads only for a valid config
     run = run_experiment(cfg, data_root=args.data_root, out=args.out, quiet=args.quiet)
     metrics = run.read_json("metrics.json")
     u = metrics["utility"]
@@ -91,9 +91,15 @@ def _print_accounting(res: dict, delta: float) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="ALIGN-FL federated learning with decoder-only sharing, and an audit of what the "
-                    "shared decoders leak.")
+                    "shared decoders leak.",
+        epilog="examples:\n"
+               "  alignfl-audit run configs/quickstart.yaml                  offline, on the embedded subset\n"
+               "  alignfl-audit run configs/paper-mnist.yaml --data-root DIR [--out DIR] [--seed N] [--quiet]\n"
+               "  alignfl-audit epsilon --sampling-rate 0.01 --noise-multiplier 1.0 --steps 1000 --delta 1e-5\n"
+               "  alignfl-audit epsilon --ledger RUN_DIR\n"
+               "'alignfl-audit COMMAND --help' describes each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run", help="train a federation from a YAML config and write a run directory",

@@ -101,7 +101,8 @@ def new_ledger(cfg: ExperimentConfig, units: list[TrainingUnit]) -> PrivacyLedge
     p = cfg.privacy
     return PrivacyLedger(
         mechanism=p.mechanism, formal_guarantee=p.formal_guarantee(), note=p.guarantee_note(),
-        delta=p.delta if p.is_dp else None, target_epsilon=p.target_epsilon if p.is_dp else None,
+        delta=p.delta if p.formal_guarantee() else None,
+        target_epsilon=p.target_epsilon if p.formal_guarantee() else None,
         clients={str(k): {"n": len(u.data), **({"sample_rate": u.dp_plan.sample_rate,
                                                   "noise_multiplier": u.dp_plan.noise_multiplier,
                                                   "planned_steps": u.settings.rounds * u.settings.local_epochs
@@ -161,6 +162,7 @@ def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, s
             if cfg.metrics.probe_every_round:
                 record.update(probe(strategy.global_vae, test_x, test_y, cfg.seed, cfg.metrics.probe_max_iter))
             rows.append(record)
+            run.write_csv("rounds.csv", rows)
             run.write_json("privacy_ledger.json", ledger.to_json())
     train_seconds = time.perf_counter() - started
     cnn = domain_cnn(cfg.data.dataset, to_tensor(data.train.images), torch.as_tensor(data.train.labels),
@@ -186,8 +188,6 @@ def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, s
                            "total": round(time.perf_counter() - started, 2)},
         "torch_threads": torch.get_num_threads(),
     }
-    run.write_csv("rounds.csv", rows)
-    run.write_json("privacy_ledger.json", ledger.to_json())
     run.write_json("metrics.json", metrics)
     run.set_status("complete")
 

@@ -84,8 +84,9 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=["alignfl", "fedavg", "centralized"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores/jobs threads)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: cores/jobs)")
     args = parser.parse_args()
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     plan = [(f"{ds}-{system}-seed{seed}", SYSTEMS[system][0].format(ds=ds), SYSTEMS[system][1], seed)
             for ds in args.datasets for seed in args.seeds for system in args.systems]
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -80,6 +80,7 @@ def load_upload(path: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> Upload:
         raise UploadRejected(f"{path.name}: unreadable upload ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UploadRejected(f"{meta_path.name}: not an {FORMAT} sidecar")
+    _check_sidecar_fields(meta, path)
     kind = meta.get("kind")
     if kind not in KINDS:
         raise UploadRejected(f"{meta_path.name}: kind {kind!r} is not one of {KINDS}")
@@ -95,7 +96,7 @@ def load_upload(path: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> Upload:
         raise UploadRejected(f"{path.name}: not a valid safetensors file ({err})") from None
     expected = expected_tensors(kind, spec)
     tensors = {k[len(kind) + 1:]: v for k, v in flat.items() if k.startswith(kind + ".")}
-    extras_declared = meta.get("extra_artifacts") or []
+    extras_declared = meta.get("extra_artifacts", [])
     unknown = [k for k in flat if not k.startswith(kind + ".")
                and not any(k.startswith(f"extra.{e}.") for e in extras_declared)]
     if unknown:
@@ -114,10 +115,27 @@ def load_upload(path: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> Upload:
             raise UploadRejected(f"{path.name}: tensor {name} has non-finite values")
     extras = {e: {k[len(f"extra.{e}."):]: v for k, v in flat.items() if k.startswith(f"extra.{e}.")}
               for e in extras_declared}
-    num = meta.get("num_samples")
-    if not isinstance(num, int) or num <= 0 or not isinstance(meta.get("client"), int):
-        raise UploadRejected(f"{meta_path.name}: num_samples and client must be positive integers")
-    return Upload(meta["client"], int(meta.get("round", -1)), kind, spec, tensors, num, extras)
+    return Upload(meta["client"], meta["round"], kind, spec, tensors, meta["num_samples"], extras)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sidecar_fields(meta: dict, path: Path) -> None:
+    """Every sidecar field has its type, and the client id is the one the file is named for."""
+    name = path.with_suffix(".json").name
+    for key in ("client", "round", "num_samples"):
+        if not _is_int(meta.get(key)) or meta[key] < (1 if key == "num_samples" else 0):
+            raise UploadRejected(f"{name}: {key} must be a {'positive' if key == 'num_samples' else 'non-negative'} "
+                                 f"integer, got {meta.get(key)!r}")
+    if path.stem != f"client-{meta['client']}":
+        raise UploadRejected(f"{name}: the sidecar says client {meta['client']} but the file is {path.name}")
+    extras = meta.get("extra_artifacts", [])
+    if not isinstance(extras, list) or not all(isinstance(e, str) and e.isidentifier() for e in extras):
+        raise UploadRejected(f"{name}: extra_artifacts must be a list of names, got {extras!r}")
+    if not isinstance(meta.get("sha256"), str):
+        raise UploadRejected(f"{name}: sha256 missing")
 
 
 def parameter_count(tensors: dict[str, torch.Tensor]) -> int:

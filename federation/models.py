@@ -128,7 +128,7 @@ def normalize_spec(spec: dict) -> dict:
     if not isinstance(spec, dict):
         raise ConfigError(f"a model spec must be a mapping, got {type(spec).__name__}")
     arch = spec.get("arch", "mlp")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     normal = ARCHITECTURES[arch][0](spec)
     extra = set(spec) - set(normal)

@@ -1,11 +1,15 @@
 """Clip-bound rules for DP-SGD and the Opacus optimizers that apply them.
 
 - ``fixed``: a constant bound C.
-- ``adaptive``: the privatized quantile rule of Andrew et al. (2021), as in Opacus's
-  ``AdaClipDPOptimizer``: after each step C <- C * exp(-eta * (b~ - gamma)), where b~ is the
-  fraction of the batch left unclipped, counted with Gaussian noise of std ``unclipped_num_std``.
-  The gradient noise is reduced to sigma_g = (sigma^-2 - (2 sigma_b)^-2)^-1/2 so that the pair of
-  releases costs exactly the nominal sigma, which is what the accountant is given. The fraction
+- ``adaptive``: the privatized quantile rule of Andrew et al. (2021), with Opacus's
+  ``AdaClipDPOptimizer`` parameters: after each step C <- C * exp(-eta * (b~ - gamma)), where b~
+  is the fraction of the batch left unclipped, counted with Gaussian noise of std
+  ``unclipped_num_std`` (sigma_b). The gradient noise is reduced to
+  sigma_g = (sigma^-2 - (2 sigma_b)^-2)^-1/2 so that the pair of releases costs exactly the
+  nominal sigma, which is what the accountant is given. That identity (their Theorem 1) needs the
+  count to have sensitivity 1/2, so each record contributes 1[unclipped] - 1/2 (as in the
+  authors' TF Privacy quantile query); a plain 0/1 count has sensitivity 1 and would make the
+  true noise multiplier (sigma_g^-2 + sigma_b^-2)^-1/2, below the recorded sigma. The fraction
   is taken over the *expected* batch size, so it does not reveal the Poisson batch size.
 - ``median-nonprivate``: the reference code's rule, C = median of the batch's un-clipped
   per-sample gradient norms. C then depends on the private batch: no formal guarantee.
@@ -37,7 +41,7 @@ class ClipRule:
     def bound(self, norms: torch.Tensor) -> float:
         return self.current
 
-    def update(self, unclipped: int, generator: torch.Generator | None) -> None:
+    def update(self, unclipped: int, batch_size: int, generator: torch.Generator | None) -> None:
         pass
 
 
@@ -62,19 +66,28 @@ class AdaptiveRule(ClipRule):
         self.unclipped_num_std = unclipped_num_std
         self.expected_batch_size = expected_batch_size
 
-    def update(self, unclipped: int, generator: torch.Generator | None) -> None:
+    def update(self, unclipped: int, batch_size: int, generator: torch.Generator | None) -> None:
         noise = float(_generate_noise(std=self.unclipped_num_std, reference=torch.zeros(()), generator=generator))
-        fraction = (unclipped + noise) / self.expected_batch_size
-        self.current = min(max(self.current * math.exp(-self.lr * (fraction - self.target_quantile)),
-                               self.min_bound), self.max_bound)
+        self.current = self.next_bound(self.current, unclipped, batch_size, noise)
+
+    def next_bound(self, bound: float, unclipped: float, batch_size: int, noise: float) -> float:
+        fraction = centered_fraction(unclipped, batch_size, noise, self.expected_batch_size)
+        return min(max(bound * math.exp(-self.lr * (fraction - self.target_quantile)), self.min_bound),
+                   self.max_bound)
+
+
+def centered_fraction(unclipped: float, batch_size: int, noise: float, expected_batch_size: float) -> float:
+    """Noisy unclipped fraction from the sensitivity-1/2 count sum_i (1[unclipped_i] - 1/2) + noise."""
+    return (unclipped - batch_size / 2 + noise) / expected_batch_size + 0.5
 
 
 class ExpectedBatchAdaClipDPOptimizer(AdaClipDPOptimizer):
-    """Opacus's adaptive optimizer (hooks/functorch modes), with the unclipped fraction taken over
-    the expected batch size as in ``AdaptiveRule``."""
+    """Opacus's adaptive optimizer (hooks/functorch modes) with the count of ``AdaptiveRule``:
+    centred (sensitivity 1/2) and taken over the expected batch size. ``unclipped_num`` already
+    carries Opacus's noise of std ``unclipped_num_std``; ``sample_size`` is the batch size."""
 
     def update_max_grad_norm(self):
-        fraction = self.unclipped_num / self.expected_batch_size
+        fraction = centered_fraction(float(self.unclipped_num), int(self.sample_size), 0.0, self.expected_batch_size)
         self.max_grad_norm *= math.exp(-self.clipbound_learning_rate * (fraction - self.target_unclipped_quantile))
         self.max_grad_norm = min(max(self.max_grad_norm, self.min_clipbound), self.max_clipbound)
 

@@ -112,7 +112,7 @@ class DPTrainer:
         self.optimizer.original_optimizer.step()
         self.optimizer.original_optimizer.zero_grad(set_to_none=True)
         if self.ghost:
-            self.rule.update(0, self.noise_generator)
+            self.rule.update(0, 0, self.noise_generator)
 
     def step(self, x: torch.Tensor) -> float:
         with warnings.catch_warnings():
@@ -142,7 +142,7 @@ class DPTrainer:
             (coeff * losses).sum().backward()
             self.module.enable_hooks()
             self.optimizer.step()  # noise sigma*C on the clipped sum, divided by the expected batch size
-            self.rule.update(int((norms <= bound).sum()), self.noise_generator)
+            self.rule.update(int((norms <= bound).sum()), len(x), self.noise_generator)
         else:
             losses.mean().backward()
             self.optimizer.step()

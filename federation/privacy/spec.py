@@ -74,8 +74,9 @@ class PrivacySpec:
             raise ConfigError("dp-sgd needs exactly one of privacy.target_epsilon and privacy.noise_multiplier")
         if self.target_epsilon is not None and not self.target_epsilon > 0:
             raise ConfigError(f"privacy.target_epsilon must be > 0, got {self.target_epsilon}")
-        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
-            raise ConfigError(f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ConfigError(f"privacy.noise_multiplier must be > 0 (0 adds no noise: use mechanism none), "
+                              f"got {self.noise_multiplier}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"privacy.delta must be in (0, 1/n), got {self.delta}")
         if not self.max_grad_norm > 0:

@@ -1,0 +1,164 @@
+"""The command line on bad input: one clear line on stderr, a nonzero exit, and no run directory."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PROJECT_ROOT, tiny_config
+
+PREFIX = "alignfl-audit: error:"
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alignfl_audit.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=PROJECT_ROOT, env=dict(os.environ))
+
+
+def _yaml(**overrides) -> str:
+    return yaml.safe_dump(tiny_config(**overrides), sort_keys=False)
+
+
+# name -> (config file text, extra CLI args, text the error line must contain)
+BAD_INPUTS = {
+    "unknown-dataset": (_yaml(data={"dataset": "cifar10"}), [], "unknown dataset 'cifar10'"),
+    "unknown-architecture": (_yaml(model={"arch": "transformer"}), [], "unknown architecture 'transformer'"),
+    "overlapping-classes": (_yaml(partition={"client_classes": [[0, 1], [1, 2]]}), [],
+                            "class 1 is given to clients 0 and 1"),
+    "class-out-of-range-10": (_yaml(partition={"client_classes": [[0, 10], [2]]}), [],
+                              "class 10 is out of range"),
+    "class-out-of-range-negative": (_yaml(partition={"client_classes": [[-1], [2]]}), [],
+                                    "class -1 is out of range"),
+    "more-clients-than-classes": (_yaml(partition={"client_classes": [[c] for c in range(10)] + [[0]]}), [],
+                                  "more clients (11) than classes (10)"),
+    "samples-per-client-zero": (_yaml(server={"samples_per_client": 0}), [],
+                                "server.samples_per_client must be > 0"),
+    "samples-per-client-negative": (_yaml(server={"samples_per_client": -5}), [],
+                                    "server.samples_per_client must be > 0"),
+    "latent-dim-zero": (_yaml(model={"latent_dim": 0}), [], "latent_dim must be a positive integer"),
+    "latent-dim-string": (_yaml(model={"latent_dim": "two"}), [], "latent_dim must be a positive integer"),
+    "missing-data-root": (_yaml(), ["--data-root", "/nonexistent"], "/nonexistent"),
+    "malformed-yaml": ("name: [unclosed\n", [], "malformed YAML"),
+    "unknown-key": (_yaml(nmae="typo"), [], "unknown key nmae"),
+    "unknown-nested-key": (_yaml(training={"epochs": 3}), [], "unknown key epochs in training"),
+    "missing-config-file": (None, [], "cannot read config"),
+    "bad-set-override": (_yaml(), ["--set", "training.rounds"], "--set takes KEY=VALUE"),
+}
+
+
+# Every case runs the real CLI module in its own process. Each fresh interpreter spends seconds
+# importing torch & co. before it can reject anything, so most cases are forked from one warmed
+# interpreter (_cli_forkserver.py); these also run as plain `python -m alignfl_audit.cli` processes,
+# and must give byte-identical results, which checks the fork server against the real thing.
+LITERAL = ("unknown-dataset", "missing-data-root")
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory):
+    """name -> (out dir, returncode, stdout, stderr) from the fork server, and the literal runs."""
+    base = tmp_path_factory.mktemp("cli-bad")
+    argvs, cases = {}, []
+    for name, (text, extra, _) in BAD_INPUTS.items():
+        cfg = base / f"{name}.yaml"
+        if text is not None:
+            cfg.write_text(text)
+        out = base / f"{name}-out"
+        argvs[name] = (out, ["run", str(cfg), "--out", str(out), "--quiet", *extra])
+        cases.append({"argv": argvs[name][1], "stdout": str(base / f"{name}.stdout"),
+                      "stderr": str(base / f"{name}.stderr")})
+    spec = base / "cases.json"
+    spec.write_text(json.dumps(cases))
+    helper = Path(__file__).with_name("_cli_forkserver.py")
+    server = subprocess.Popen([sys.executable, str(helper), str(spec)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=PROJECT_ROOT, env=dict(os.environ))
+    with ThreadPoolExecutor(max_workers=len(LITERAL)) as pool:
+        literal = dict(zip(LITERAL, pool.map(lambda n: cli(*argvs[n][1]), LITERAL)))
+    stdout, stderr = server.communicate(timeout=300)
+    assert server.returncode == 0, stderr
+    codes = json.loads(stdout)
+    forked = {name: (argvs[name][0], code, (base / f"{name}.stdout").read_text(),
+                     (base / f"{name}.stderr").read_text()) for name, code in zip(BAD_INPUTS, codes)}
+    literal = {name: (argvs[name][0], p.returncode, p.stdout, p.stderr) for name, p in literal.items()}
+    return forked, literal
+
+
+def _check_one_line_error(result, name):
+    out, code, stdout, stderr = result
+    lines = stderr.strip().splitlines()
+    assert code != 0, (code, stderr)
+    assert "Traceback" not in stderr + stdout
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(PREFIX), lines[0]
+    assert BAD_INPUTS[name][2] in lines[0], lines[0]
+    assert not out.exists(), f"{name} left a run directory behind"
+    assert stdout == ""
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_fails_with_one_line_and_no_run_dir(bad_input_results, name):
+    forked, _ = bad_input_results
+    _check_one_line_error(forked[name], name)
+
+
+@pytest.mark.parametrize("name", LITERAL)
+def test_bad_input_as_a_plain_subprocess(bad_input_results, name):
+    forked, literal = bad_input_results
+    _check_one_line_error(literal[name], name)
+    assert literal[name][1:] == forked[name][1:]  # the fork server behaves like `python -m`
+
+
+def test_existing_output_directory_is_never_reused(tmp_path, capsys, monkeypatch):
+    from alignfl_audit.cli import main
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(_yaml())
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(PREFIX) and "already exists" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+FLAGS = ("--data-root", "--out", "--seed", "--quiet")
+
+
+def test_run_help_documents_the_flags():
+    proc = cli("run", "--help", timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    for flag in FLAGS:
+        assert flag in proc.stdout, flag
+    assert "ALIGNFL_DATA_DIR" in proc.stdout
+
+
+def test_top_level_help_exits_zero():
+    proc = cli("--help", timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "usage: alignfl-audit" in proc.stdout and "run" in proc.stdout
+
+
+def test_top_level_help_mentions_run_flags():
+    proc = cli("--help", timeout=60)
+    assert proc.returncode == 0
+    for flag in FLAGS:
+        assert flag in proc.stdout, flag
+
+
+def test_no_command_is_a_usage_error():
+    proc = cli(timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "usage: alignfl-audit" in proc.stderr
+
+
+def test_console_script_points_at_main():
+    scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("alignfl-audit") == "alignfl_audit.cli:main"

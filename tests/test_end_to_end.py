@@ -1,0 +1,177 @@
+"""Whole runs: the quickstart through the CLI, and tiny in-process runs of every strategy."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from alignfl_audit.config import from_dict, load_config
+from alignfl_audit.orchestrate import run_experiment
+from conftest import PROJECT_ROOT, tiny_config
+from federation.messages import load_upload
+
+UTILITY_KEYS = {"probe_accuracy", "probe_f1", "fid", "tstr_accuracy"}
+# The quickstart is documented as "about a minute on 2 cores"; the budget is generous because the
+# suite may share the machine with heavy benchmarks. Override with ALIGNFL_QUICKSTART_BUDGET (seconds).
+QUICKSTART_BUDGET = float(os.environ.get("ALIGNFL_QUICKSTART_BUDGET", "300"))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """Tiny in-process training runs faster with one torch thread on a busy machine."""
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 100 and path.read_bytes()[:8] == PNG_MAGIC
+
+
+# ------------------------------------------------------------------------------------ quickstart
+def test_quickstart_runs_end_to_end(quickstart_run):
+    """`alignfl-audit run configs/quickstart.yaml --out TMP --quiet` (started in the background by
+    conftest.py so that it overlaps the rest of the suite)."""
+    proc, out = quickstart_run, quickstart_run.out
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.seconds < QUICKSTART_BUDGET, f"quickstart took {proc.seconds:.1f}s"
+    assert str(out) in proc.stdout and "probe_accuracy=" in proc.stdout
+    cfg = load_config(PROJECT_ROOT / "configs" / "quickstart.yaml")
+    rounds, n_clients = cfg.training.rounds, cfg.partition.n_clients
+
+    for name in ("config.resolved.yaml", "partition.json", "status.json", "metrics.json", "rounds.csv"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "status.json").read_text())["state"] == "complete"
+    resolved = load_config(out / "config.resolved.yaml")
+    assert resolved.to_dict() == cfg.to_dict()  # the resolved config reloads to the same experiment
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["strategy"] == "alignfl" and metrics["seed"] == 0
+    u = metrics["utility"]
+    assert UTILITY_KEYS <= set(u)
+    assert 0.2 < u["probe_accuracy"] <= 1.0, u  # above chance for 10 balanced classes
+    assert 0.0 < u["probe_f1"] <= 1.0
+    assert u["fid"] > 0 and u["fid"] == u["fid"]
+    assert 0.0 <= u["tstr_accuracy"] <= 1.0
+    assert metrics["shared_artifacts"] == ["decoder", "decoder_spec"]
+    assert metrics["rejected_uploads"] == []
+
+    rows = _rows(out / "rounds.csv")
+    assert [int(r["round"]) for r in rows] == list(range(rounds))
+    assert float(rows[-1]["probe_accuracy"]) == pytest.approx(u["probe_accuracy"])
+
+    partition = json.loads((out / "partition.json").read_text())
+    assert [c["classes"] for c in partition["clients"]] == cfg.partition.client_classes
+    assert len(partition["outliers"]["ids"]) == cfg.partition.outliers.count
+
+    for r in range(rounds):
+        files = sorted(p.name for p in (out / "shared" / f"round-{r}").iterdir())
+        assert files == sorted([f"client-{k}.safetensors" for k in range(n_clients)]
+                               + [f"client-{k}.json" for k in range(n_clients)])
+        for k in range(n_clients):
+            up = load_upload(out / "shared" / f"round-{r}" / f"client-{k}.safetensors")
+            assert (up.client, up.round, up.kind) == (k, r, "decoder")
+    assert not (out / "shared" / f"round-{rounds}").exists()
+
+    figures = out / "figures"
+    for name in ["samples-global.png", "latent-scatter.png"] + [f"samples-client-{k}.png" for k in range(n_clients)]:
+        assert _is_png(figures / name), name
+
+
+# ----------------------------------------------------------------------------- tiny in-process
+def _run(tmp_path: Path, label: str, **overrides):
+    run = run_experiment(from_dict(tiny_config(**overrides)), out=tmp_path / label, quiet=True)
+    assert run.is_complete()
+    return run, run.read_json("metrics.json")
+
+
+@pytest.fixture(scope="module")
+def alignfl_seed0(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("alignfl"), "seed0")
+
+
+def test_same_seed_same_results_different_seed_different_results(alignfl_seed0, tmp_path):
+    run_a, a = alignfl_seed0
+    run_b, b = _run(tmp_path, "seed0-again")
+    assert a["utility"] == b["utility"]
+    assert (run_a.path / "rounds.csv").read_bytes() == (run_b.path / "rounds.csv").read_bytes()
+    assert (run_a.path / "partition.json").read_bytes() == (run_b.path / "partition.json").read_bytes()
+    uploads = sorted((run_a.path / "shared" / "round-0").glob("*.safetensors"))
+    assert len(uploads) == 3
+    for f in uploads:
+        assert f.read_bytes() == (run_b.path / "shared" / "round-0" / f.name).read_bytes()
+
+    run_c, c = _run(tmp_path, "seed1", seed=1)
+    assert c["seed"] == 1
+    assert c["utility"]["fid"] != a["utility"]["fid"]  # continuous; the tiny probe may tie by chance
+    assert c["utility"] != a["utility"]
+    assert (run_c.path / "rounds.csv").read_bytes() != (run_a.path / "rounds.csv").read_bytes()
+    assert (run_c.path / "partition.json").read_bytes() != (run_a.path / "partition.json").read_bytes()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "centralized"])
+def test_every_strategy_writes_the_same_metric_keys(alignfl_seed0, tmp_path, strategy):
+    _, ref = alignfl_seed0
+    run, m = _run(tmp_path, strategy, strategy={"name": strategy, "mu": 0.5, "epochs": 1})
+    assert m["strategy"] == strategy
+    assert set(m) == set(ref)
+    assert set(m["utility"]) == set(ref["utility"]) and UTILITY_KEYS <= set(m["utility"])
+    assert 0.0 <= m["utility"]["probe_accuracy"] <= 1.0 and m["utility"]["fid"] > 0
+    assert len(_rows(run.path / "rounds.csv")) == 1
+    uploads = sorted((run.path / "shared").rglob("*.safetensors"))
+    if strategy == "centralized":
+        assert m["utility"]["tstr_accuracy"] is None
+        assert m["notes"].get("tstr_accuracy"), m["notes"]
+        assert m["shared_artifacts"] == [] and uploads == []  # nothing leaves the (single) site
+    else:
+        assert 0.0 <= m["utility"]["tstr_accuracy"] <= 1.0
+        assert "tstr_accuracy" not in m["notes"]
+        assert m["shared_artifacts"] == ["vae", "vae_spec"]
+        assert len(uploads) == 3
+        for path in uploads:
+            assert json.loads(path.with_suffix(".json").read_text())["kind"] == "vae"
+            with safe_open(str(path), framework="pt") as fh:
+                assert any(k.startswith("vae.encoder.") for k in fh.keys())  # FedAvg shares everything
+
+
+def test_latent_gmm_is_declared_as_an_extra_shared_artifact(tmp_path):
+    run, m = _run(tmp_path, "gmm", server={"sampling": "gmm", "gmm_components": 3})
+    assert "latent_gmm" in m["shared_artifacts"]
+    uploads = sorted((run.path / "shared" / "round-0").glob("*.safetensors"))
+    assert len(uploads) == 3
+    for path in uploads:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        assert meta["extra_artifacts"] == ["latent_gmm"]
+        up = load_upload(path)
+        gmm = up.extras["latent_gmm"]
+        assert set(gmm) == {"weights", "means", "covariances"}
+        assert gmm["means"].shape == (3, up.spec["latent_dim"])
+        assert float(gmm["weights"].sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_domain_cnn_training_is_deterministic():
+    """The second run above reuses the cached domain CNN; its training must be reproducible too."""
+    import torch
+
+    from federation.metrics.domain_cnn import fit_classifier
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(96, 1, 28, 28, generator=g), torch.randint(0, 10, (96,), generator=g)
+    a, b, c = (fit_classifier(x, y, 10, 1, seed, batch_size=32).state_dict() for seed in (4, 4, 5))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_prior_sampling_shares_no_gmm(alignfl_seed0):
+    run, m = alignfl_seed0
+    assert "latent_gmm" not in m["shared_artifacts"]
+    for path in (run.path / "shared" / "round-0").glob("*.json"):
+        assert json.loads(path.read_text())["extra_artifacts"] == []

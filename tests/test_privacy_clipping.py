@@ -217,7 +217,9 @@ def make_trainer(mode: str = "ghost", clipping: str = "fixed", sigma: float = 0.
                  **spec_kw) -> DPTrainer:
     torch.manual_seed(seed)
     vae = VAE(TINY_VAE)
-    spec = PrivacySpec(mechanism="dp-sgd", noise_multiplier=sigma, clipping=clipping, max_grad_norm=bound,
+    # the trainer takes sigma from the plan; the config refuses sigma = 0, which here isolates the
+    # clipping arithmetic from the noise
+    spec = PrivacySpec(mechanism="dp-sgd", noise_multiplier=sigma or 1.0, clipping=clipping, max_grad_norm=bound,
                        grad_sample_mode=mode, unclipped_num_std=unclipped_num_std, **spec_kw).validate()
     std = None if clipping != "adaptive" else unclipped_num_std
     plan = DPPlan(sample_rate=q, noise_multiplier=sigma, steps_per_epoch=int(1 / q), unclipped_num_std=std)

@@ -96,12 +96,15 @@ class DPTrainer:
     def clip_bound(self) -> float:
         return float(self.rule.current if self.ghost else self.optimizer.max_grad_norm)
 
-    def _per_sample_loss(self, x: torch.Tensor) -> torch.Tensor:
+    def _per_sample_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses, and the input of the privatized module (the images, or the latents
+        with ``scope: decoder``)."""
         if self.spec.scope == "full":
+            x = x.detach().requires_grad_(self.ghost)
             recon, mu, logvar = self.module(x)
-        else:
-            recon, mu, logvar, _ = self.vae.forward_with_latent(x, decoder=self.module)
-        return vae_loss_per_sample(x, recon, mu, logvar, self.lambda_kl)
+            return vae_loss_per_sample(x, recon, mu, logvar, self.lambda_kl), x
+        recon, mu, logvar, z = self.vae.forward_with_latent(x, decoder=self.module)
+        return vae_loss_per_sample(x, recon, mu, logvar, self.lambda_kl), z
 
     def _noise_only_step(self) -> None:
         """An empty Poisson batch still releases a noisy update (skipping it would leak the batch size)."""
@@ -124,7 +127,7 @@ class DPTrainer:
         if len(x) == 0:
             self._noise_only_step()
             return float("nan")
-        losses = self._per_sample_loss(x)
+        losses, module_input = self._per_sample_loss(x)
         encoder_grads = None
         if self.encoder_optimizer is not None:  # non-private encoder update (scope: decoder)
             self.module.disable_hooks()  # this pass must not consume the decoder's recorded activations
@@ -132,7 +135,9 @@ class DPTrainer:
                                                 retain_graph=True)
             self.module.enable_hooks()
         if self.ghost:
-            losses.mean().backward(retain_graph=True)  # hooks record per-sample norms only
+            # pass 1: gradients down to the module's input only, so autograd skips every weight
+            # gradient; the hooks turn the backprops into per-sample gradient norms
+            torch.autograd.grad(losses.mean(), module_input, retain_graph=True)
             norms = self.module.get_norm_sample().detach()
             bound = self.rule.bound(norms)
             self.module.max_grad_norm = self.optimizer.max_grad_norm = bound

@@ -143,10 +143,26 @@ class ExperimentConfig:
                               f"centralized strategies, not {self.strategy.name}")
         specs = self.client_specs()
         self.server_spec()
+        if self.privacy.is_dp and self.privacy.grad_sample_mode == "bk":
+            _check_bk(self.privacy, specs)
         if self.strategy.name in ("fedavg", "fedprox") and any(s != specs[0] for s in specs):
             raise ConfigError(f"{self.strategy.name} averages parameters and needs one architecture for all "
                               "clients; the clients list differs")
         return self
+
+
+def _check_bk(privacy: PrivacySpec, specs: list[dict]) -> None:
+    """An explicit grad_sample_mode bk must fit every client's privatized module (built on the meta
+    device: no memory, no initialization cost)."""
+    import torch
+
+    from federation.models import VAE
+    from federation.privacy.bookkeeping import resolve_grad_sample_mode
+
+    for spec in {json.dumps(s, sort_keys=True): s for s in specs}.values():
+        with torch.device("meta"):
+            vae = VAE(spec)
+        resolve_grad_sample_mode(privacy, vae if privacy.scope == "full" else vae.decoder)
 
 
 # -------------------------------------------------------------------- parsing

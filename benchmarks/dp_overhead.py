@@ -24,7 +24,8 @@ from federation.privacy.spec import PrivacySpec
 from federation.training import to_tensor
 
 SPEC = {"arch": "mlp", "latent_dim": 2, "hidden": [512, 256, 128]}
-MODES = [("ghost", "fixed"), ("ghost", "adaptive"), ("hooks", "fixed"), ("hooks", "adaptive"), ("functorch", "fixed")]
+MODES = [("bk", "fixed"), ("bk", "adaptive"), ("ghost", "fixed"), ("ghost", "adaptive"), ("hooks", "fixed"),
+         ("hooks", "adaptive"), ("functorch", "fixed")]
 
 
 def nondp_stepper(x):

@@ -1,6 +1,7 @@
 """Summarize benchmarks/results/*.json into the Markdown tables of benchmarks/README.md.
 
     python benchmarks/summarize.py            # prints the tables
+    python benchmarks/summarize.py --write    # writes them into benchmarks/README.md
 """
 from __future__ import annotations
 
@@ -58,7 +59,39 @@ def bars() -> str:
     return "\n".join(out)
 
 
+def dp_table() -> str:
+    path = RESULTS / "dp_overhead.json"
+    if not path.exists():
+        return ""
+    d = json.loads(path.read_text())
+    med = d["median_step_seconds"]
+    rows = ["| mode | median step (ms) | DP / non-DP |", "|---|---|---|",
+            f"| non-DP | {med['non-dp'] * 1000:.1f} | 1.00 |"]
+    rows += [f"| {k} | {med[k] * 1000:.1f} | {v:.2f} |" for k, v in d["overhead_vs_nondp"].items()]
+    return "\n".join(rows)
+
+
+def fill(readme: Path) -> None:
+    """Replace the RESULTS_TABLE, BARS and DP_TABLE markers (or the tables that replaced them)."""
+    text = readme.read_text()
+    for marker, value in (("RESULTS_TABLE", table()), ("BARS", bars()), ("DP_TABLE", dp_table())):
+        start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+        block = f"{start}\n{value}\n{end}"
+        if start in text:
+            text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+        else:
+            text = text.replace(f"\n{marker}\n", f"\n{block}\n")
+    readme.write_text(text)
+
+
 if __name__ == "__main__":
-    print(table())
-    print()
-    print(bars())
+    import sys
+
+    if sys.argv[1:] == ["--write"]:
+        fill(Path(__file__).resolve().parent / "README.md")
+    else:
+        print(table())
+        print()
+        print(bars())
+        print()
+        print(dp_table())

@@ -63,7 +63,7 @@ class Client:
         start = self.dp.clip_bound
         loss, steps = self.dp.train_epochs(self.data, self.settings.local_epochs)
         self.ledger.record(DPEvent(self.id, rnd, plan.sample_rate, plan.noise_multiplier, steps,
-                                   self.privacy.clipping, self.privacy.scope, self.privacy.grad_sample_mode,
+                                   self.privacy.clipping, self.privacy.scope, self.dp.mode,
                                    start, self.dp.clip_bound))
         return loss
 

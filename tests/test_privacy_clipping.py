@@ -3,8 +3,9 @@ per-sample gradients (``torch.func.vmap(grad(...))``).
 
 Clipping is exercised three ways: Opacus's ghost clipping as ``DPTrainer._step`` drives it (a first
 backward for the norms, a second backward of the loss re-weighted by min(1, C/norm)), Opacus's
-per-sample-gradient optimizers (``hooks`` / ``functorch``), and ``DPTrainer`` itself, where the
-gradient handed to Adam is captured right before ``original_optimizer.step``.
+per-sample-gradient optimizers (``hooks`` / ``functorch``), and ``DPTrainer`` itself (also in its
+book-keeping mode ``bk``, tested further in test_privacy_bookkeeping), where the gradient handed to
+Adam is captured right before ``DPTrainer.adam.step``.
 
 The noise tests are chi-square tests of the noise variance; each states its false-alarm rate.
 """
@@ -255,7 +256,7 @@ def capture_step(trainer: DPTrainer, x: torch.Tensor, eps: torch.Tensor | None, 
         monkeypatch.setattr(torch, "randn_like", lambda t, **kw: eps.to(t.dtype).clone())
     names = {id(p): k for k, p in trainer.vae.named_parameters()}
     seen = {}
-    opt = trainer.optimizer.original_optimizer
+    opt = trainer.adam  # the plain Adam every mode ends in (Opacus's original_optimizer, or bk's own)
     real_step = opt.step
 
     def spy(*args, **kwargs):
@@ -270,7 +271,7 @@ def capture_step(trainer: DPTrainer, x: torch.Tensor, eps: torch.Tensor | None, 
     return seen
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks", "functorch"])
+@pytest.mark.parametrize("mode", ["bk", "ghost", "hooks", "functorch"])
 @pytest.mark.parametrize("bound", [0.05, 3.0, 1e6])
 def test_dptrainer_hands_adam_the_clipped_sum_over_the_expected_batch(mode, bound, monkeypatch):
     """sigma = 0: the gradient Adam receives is sum_i min(1, C/||g_i||) g_i / (q n), not / |batch|."""
@@ -315,7 +316,7 @@ def test_dptrainer_adaptive_ghost_step_uses_and_updates_the_bound(monkeypatch):
     assert trainer.clip_bound == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["bk", "ghost", "hooks"])
 def test_adaptive_clipping_costs_no_more_than_the_recorded_sigma(mode, monkeypatch):
     """Privacy of the adaptive rule: each step releases the noised clipped sum (sensitivity C, noise
     sigma_g C with sigma_g = adjusted_noise_multiplier(sigma, sigma_b)) and the noised unclipped count

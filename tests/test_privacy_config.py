@@ -15,25 +15,21 @@ import yaml
 
 from alignfl_audit.accounting import ACCOUNTANTS, epsilons
 from alignfl_audit.config import from_dict
+from conftest import tiny_config
 from federation.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "alignfl-audit: error:"
 
-BASE = {
-    "name": "privacy-config",
-    "seed": 0,
-    "data": {"dataset": "mnist", "allow_embedded": True},
-    "partition": {"scheme": "class_disjoint", "client_classes": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
-                  "samples_per_class": 30, "holdout_per_class": 10,
-                  "outliers": {"count": 0, "client": 0, "holdout": 0}},
-    "model": {"arch": "mlp", "latent_dim": 2, "hidden": [16, 8]},
-    "training": {"rounds": 1, "local_epochs": 1, "batch_size": 32},
-    "server": {"samples_per_client": 50, "epochs": 1},
-    "metrics": {"fid_samples": 100, "domain_cnn_epochs": 1, "tstr_epochs": 1, "probe_every_round": False,
-                "figures": False},
-    "privacy": {"mechanism": "dp-sgd", "target_epsilon": 4.0, "delta": 1e-5},
-}
+BASE = tiny_config(
+    name="privacy-config",
+    partition={"client_classes": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]},
+    model={"hidden": [16, 8]},
+    training={"batch_size": 32},
+    server={"samples_per_client": 50},
+    metrics={"fid_samples": 100, "probe_every_round": False},
+    privacy={"mechanism": "dp-sgd", "target_epsilon": 4.0, "delta": 1e-5},
+)
 # quickstart's partition: 250 records per class, two classes per client (+25 outliers on client 0)
 QUICKSTART_PARTITION = {"client_classes": [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], "samples_per_class": 250,
                         "holdout_per_class": 50, "outliers": {"count": 25, "client": 0, "holdout": 50}}

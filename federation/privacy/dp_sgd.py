@@ -1,7 +1,14 @@
 """DP-SGD for a client VAE, through Opacus: Poisson sampling, per-sample clipping, Gaussian noise.
 
-Gradient modes:
-- ``ghost`` (default): Opacus's fast gradient clipping with ghost norms. A first backward pass
+Gradient modes (``auto``, the default, resolves to ``bk`` when every trainable parameter of the
+privatized module lives in a plain ``nn.Linear`` -- the mlp architecture -- and to ``ghost`` otherwise;
+``DPTrainer.mode`` and the ledger hold the resolved mode):
+- ``bk``: book-keeping ghost clipping (Bu et al. 2023, ``federation.privacy.bookkeeping``). One
+  backward pass of the summed per-sample losses down to the Linear outputs gives the per-sample
+  output gradients G_l; with the recorded layer inputs A_l they yield the per-sample norms
+  (sum_l ||A_l[i]||^2 ||G_l[i]||^2 + ||G_l[i]||^2) *and* the clipped sums (c * G_l)^T A_l, c^T G_l.
+  No second backward pass, no Opacus wrapper. Linear layers on 2-D inputs only.
+- ``ghost``: Opacus's fast gradient clipping with ghost norms. A first backward pass
   yields only the per-sample gradient *norms* (||a_i|| * ||g_i|| for linear layers); a second pass
   of the loss re-weighted by min(1, C/norm_i) yields the clipped sum. Nothing of size
   batch x parameters is ever materialized.
@@ -25,6 +32,7 @@ from opacus.optimizers.optimizer import _generate_noise
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from federation.models import VAE, vae_loss_per_sample
+from federation.privacy.bookkeeping import LinearBookkeeper, resolve_grad_sample_mode
 from federation.privacy.clipping import (AdaptiveRule, ClipRule, ExpectedBatchAdaClipDPOptimizer, MedianClipDPOptimizer,
                                          MedianRule, adjusted_noise_multiplier)
 from federation.privacy.spec import PrivacySpec
@@ -59,26 +67,37 @@ class DPTrainer:
         self.expected_batch = plan.sample_rate * n
         target = vae if spec.scope == "full" else vae.decoder
         self.private_params = [p for p in target.parameters() if p.requires_grad]
-        self.ghost = spec.grad_sample_mode == "ghost"
+        self.mode = resolve_grad_sample_mode(spec, target)
+        self.uses_rule = self.mode in ("ghost", "bk")  # the bound is chosen by self.rule, not by Opacus
         sigma = plan.noise_multiplier
-        common = dict(noise_multiplier=sigma, max_grad_norm=spec.max_grad_norm,
-                      expected_batch_size=self.expected_batch, loss_reduction="mean", generator=noise_generator)
-        if self.ghost:
-            self.module = GradSampleModuleFastGradientClipping(target, max_grad_norm=spec.max_grad_norm,
-                                                               use_ghost_clipping=True, loss_reduction="mean")
-            self.optimizer = DPOptimizerFastGradientClipping(torch.optim.Adam(self.private_params, lr=lr), **common)
+        # the gradient noise multiplier: reduced for the adaptive rule's count release (Andrew et al.)
+        self.noise_multiplier = (adjusted_noise_multiplier(sigma, plan.unclipped_num_std)
+                                 if spec.clipping == "adaptive" else sigma)
+        if self.uses_rule:
             if spec.clipping == "adaptive":
                 self.rule: ClipRule = AdaptiveRule(spec.max_grad_norm, spec.target_quantile, spec.clipbound_lr,
                                                    spec.min_clipbound, spec.max_clipbound, plan.unclipped_num_std,
                                                    self.expected_batch)
-                self.optimizer._adjusted_noise_multiplier = adjusted_noise_multiplier(sigma, plan.unclipped_num_std)
             elif spec.clipping == "median-nonprivate":
                 self.rule = MedianRule(spec.max_grad_norm)
             else:
                 self.rule = ClipRule(spec.max_grad_norm)
+        common = dict(noise_multiplier=sigma, max_grad_norm=spec.max_grad_norm,
+                      expected_batch_size=self.expected_batch, loss_reduction="mean", generator=noise_generator)
+        if self.mode == "bk":
+            self.module = target
+            self.bookkeeper = LinearBookkeeper(target)
+            self.optimizer = self.adam = torch.optim.Adam(self.private_params, lr=lr)
+        elif self.mode == "ghost":
+            self.module = GradSampleModuleFastGradientClipping(target, max_grad_norm=spec.max_grad_norm,
+                                                               use_ghost_clipping=True, loss_reduction="mean")
+            self.optimizer = DPOptimizerFastGradientClipping(torch.optim.Adam(self.private_params, lr=lr), **common)
+            if spec.clipping == "adaptive":
+                self.optimizer._adjusted_noise_multiplier = self.noise_multiplier
+            self.adam = self.optimizer.original_optimizer
         else:
             self.module = GradSampleModule(target, loss_reduction="mean",
-                                           force_functorch=spec.grad_sample_mode == "functorch")
+                                           force_functorch=self.mode == "functorch")
             adam = torch.optim.Adam(self.private_params, lr=lr)
             if spec.clipping == "adaptive":
                 self.optimizer = ExpectedBatchAdaClipDPOptimizer(
@@ -89,18 +108,19 @@ class DPTrainer:
                 self.optimizer = MedianClipDPOptimizer(adam, **common)
             else:
                 self.optimizer = DPOptimizer(adam, **common)
+            self.adam = adam
         self.encoder_optimizer = (torch.optim.Adam(vae.encoder.parameters(), lr=lr)
                                   if spec.scope == "decoder" else None)
 
     @property
     def clip_bound(self) -> float:
-        return float(self.rule.current if self.ghost else self.optimizer.max_grad_norm)
+        return float(self.rule.current if self.uses_rule else self.optimizer.max_grad_norm)
 
     def _per_sample_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample losses, and the input of the privatized module (the images, or the latents
         with ``scope: decoder``)."""
         if self.spec.scope == "full":
-            x = x.detach().requires_grad_(self.ghost)
+            x = x.detach().requires_grad_(self.mode == "ghost")
             recon, mu, logvar = self.module(x)
             return vae_loss_per_sample(x, recon, mu, logvar, self.lambda_kl), x
         recon, mu, logvar, z = self.vae.forward_with_latent(x, decoder=self.module)
@@ -108,13 +128,12 @@ class DPTrainer:
 
     def _noise_only_step(self) -> None:
         """An empty Poisson batch still releases a noisy update (skipping it would leak the batch size)."""
-        sigma = getattr(self.optimizer, "_adjusted_noise_multiplier", None) or self.plan.noise_multiplier
         for p in self.private_params:
-            p.grad = _generate_noise(std=sigma * self.clip_bound, reference=p, generator=self.noise_generator
-                                     ) / self.expected_batch
-        self.optimizer.original_optimizer.step()
-        self.optimizer.original_optimizer.zero_grad(set_to_none=True)
-        if self.ghost:
+            p.grad = _generate_noise(std=self.noise_multiplier * self.clip_bound, reference=p,
+                                     generator=self.noise_generator) / self.expected_batch
+        self.adam.step()
+        self.adam.zero_grad(set_to_none=True)
+        if self.uses_rule:
             self.rule.update(0, 0, self.noise_generator)
 
     def step(self, x: torch.Tensor) -> float:
@@ -127,6 +146,8 @@ class DPTrainer:
         if len(x) == 0:
             self._noise_only_step()
             return float("nan")
+        if self.mode == "bk":
+            return self._bk_step(x)
         losses, module_input = self._per_sample_loss(x)
         encoder_grads = None
         if self.encoder_optimizer is not None:  # non-private encoder update (scope: decoder)
@@ -134,7 +155,7 @@ class DPTrainer:
             encoder_grads = torch.autograd.grad(losses.mean(), list(self.vae.encoder.parameters()),
                                                 retain_graph=True)
             self.module.enable_hooks()
-        if self.ghost:
+        if self.mode == "ghost":
             # pass 1: gradients down to the module's input only, so autograd skips every weight
             # gradient; the hooks turn the backprops into per-sample gradient norms
             torch.autograd.grad(losses.mean(), module_input, retain_graph=True)
@@ -152,11 +173,40 @@ class DPTrainer:
             losses.mean().backward()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._encoder_step(encoder_grads)
+        return float(losses.detach().mean())
+
+    def _encoder_step(self, encoder_grads) -> None:
         if encoder_grads is not None:
             for p, g in zip(self.vae.encoder.parameters(), encoder_grads):
                 p.grad = g
             self.encoder_optimizer.step()
             self.encoder_optimizer.zero_grad(set_to_none=True)
+
+    def _bk_step(self, x: torch.Tensor) -> float:
+        """Book-keeping clipping: one backward pass, then clipped sums from the recorded tensors."""
+        with self.bookkeeper.recording():
+            losses, _ = self._per_sample_loss(x)
+            encoder_grads = None
+            if self.encoder_optimizer is not None:  # non-private encoder update (scope: decoder)
+                encoder_grads = torch.autograd.grad(losses.mean(), list(self.vae.encoder.parameters()),
+                                                    retain_graph=True)
+            # G_l = d(sum_i loss_i)/d(out_l): row i is sample i's gradient w.r.t. the layer output
+            backprops = self.bookkeeper.backprops(losses)
+        norms = self.bookkeeper.per_sample_norms(backprops, len(x)).detach()
+        bound = self.rule.bound(norms)
+        coeff = (bound / (norms + 1e-6)).clamp(max=1.0)
+        summed = self.bookkeeper.clipped_sums(backprops, coeff)
+        del backprops
+        std = self.noise_multiplier * bound
+        for p in self.private_params:  # noise sigma*C on the clipped sum, divided by the expected batch size
+            grad = summed.pop(p)
+            grad.add_(_generate_noise(std=std, reference=grad, generator=self.noise_generator))
+            p.grad = grad.div_(self.expected_batch)
+        self.adam.step()
+        self.adam.zero_grad(set_to_none=True)
+        self.rule.update(int((norms <= bound).sum()), len(x), self.noise_generator)
+        self._encoder_step(encoder_grads)
         return float(losses.detach().mean())
 
     def train_epochs(self, data: torch.Tensor, epochs: int) -> tuple[float, int]:

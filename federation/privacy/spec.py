@@ -9,7 +9,8 @@ from federation.errors import ConfigError
 MECHANISMS = ("none", "dp-sgd", "lcd", "lcd-spectral")
 CLIPPING = ("fixed", "adaptive", "median-nonprivate")
 SCOPES = ("full", "decoder")
-GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch")
+# auto: bk when every trainable layer of the privatized module is a plain nn.Linear, else ghost
+GRAD_SAMPLE_MODES = ("auto", "bk", "ghost", "hooks", "functorch")
 
 NO_GUARANTEE = "no formal DP guarantee"
 
@@ -29,7 +30,7 @@ class PrivacySpec:
     min_clipbound: float = 1e-3
     max_clipbound: float = 1e3
     unclipped_num_std: typing.Optional[float] = None  # default: expected batch size / 20 (Andrew et al.)
-    grad_sample_mode: str = "ghost"
+    grad_sample_mode: str = "auto"  # resolved per client by DPTrainer (DPTrainer.mode, the ledger)
     calibration_accountant: str = "rdp"
     # LCD-VAE
     lcd_lambda: float = 1.0
@@ -67,7 +68,8 @@ class PrivacySpec:
         if self.clipping not in CLIPPING:
             raise ConfigError(f"privacy.clipping must be one of {list(CLIPPING)}, not {self.clipping!r}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ConfigError(f"privacy.grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}")
+            raise ConfigError(f"privacy.grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}, "
+                              f"not {self.grad_sample_mode!r}")
         if self.calibration_accountant not in ("rdp", "prv"):
             raise ConfigError("privacy.calibration_accountant must be rdp or prv")
         if (self.target_epsilon is None) == (self.noise_multiplier is None):

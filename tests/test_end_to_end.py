@@ -175,3 +175,18 @@ def test_prior_sampling_shares_no_gmm(alignfl_seed0):
     assert "latent_gmm" not in m["shared_artifacts"]
     for path in (run.path / "shared" / "round-0").glob("*.json"):
         assert json.loads(path.read_text())["extra_artifacts"] == []
+
+
+def test_heterogeneous_clients_share_decoders_of_their_own_architectures(tmp_path):
+    """Each client has its own architecture; the server rebuilds every decoder from its spec alone
+    and decodes at that decoder's own latent width."""
+    clients = [{"arch": "conv", "latent_dim": 3, "channels": [4, 8], "fc": 16},
+               {"arch": "mlp", "latent_dim": 2, "hidden": [32, 16]},
+               {"arch": "mlp", "latent_dim": 4, "hidden": [24]}]
+    run, m = _run(tmp_path, "hetero", clients=clients)
+    assert m["rejected_uploads"] == []
+    for k, want in enumerate(clients):
+        up = load_upload(run.path / "shared" / "round-0" / f"client-{k}.safetensors")
+        assert up.spec["arch"] == want["arch"] and up.spec["latent_dim"] == want["latent_dim"]
+        assert not any(name.startswith("encoder") for name in up.tensors)
+    assert 0.0 <= m["utility"]["tstr_accuracy"] <= 1.0

@@ -36,12 +36,9 @@ from test_privacy_clipping import (LAMBDA_KL, TINY_VAE, chi2_variance_ok, clippe
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """Tiny models on busy cores: one intra-op thread (the conftest fixture restores it)."""
 
 
 def trainer_for(model_spec: dict, mode: str = "bk", clipping: str = "fixed", sigma: float = 0.0, bound: float = 1.0,

@@ -34,13 +34,9 @@ ALPHA = 1e-3  # false-alarm rate of every statistical test in this module
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on busy cores: one intra-op thread avoids OpenMP contention (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """Tiny models on busy cores: one intra-op thread (the conftest fixture restores it)."""
 
 
 # ------------------------------------------------------------------ toy models and references

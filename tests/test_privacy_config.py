@@ -35,17 +35,6 @@ QUICKSTART_PARTITION = {"client_classes": [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9
                         "holdout_per_class": 50, "outliers": {"count": 25, "client": 0, "holdout": 50}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _env(tmp_path_factory):
-    """The embedded subset and a private cache dir, even without the shared conftest's session fixture."""
-    mp = pytest.MonkeyPatch()
-    mp.delenv("ALIGNFL_DATA_DIR", raising=False)
-    if not os.environ.get("ALIGNFL_CACHE_DIR"):
-        mp.setenv("ALIGNFL_CACHE_DIR", str(tmp_path_factory.mktemp("alignfl-cache")))
-    yield
-    mp.undo()
-
-
 def config(privacy: dict | None = None, replace_privacy: bool = False, **sections) -> dict:
     cfg = copy.deepcopy(BASE)
     if privacy is not None:
@@ -207,7 +196,7 @@ def cli_cases(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def literal_processes(_env, cli_cases):
+def literal_processes(cli_cases):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = {name: subprocess.Popen(cli_argv(*cli_cases[name][0]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True, cwd=PROJECT_ROOT, env=env) for name in LITERAL}

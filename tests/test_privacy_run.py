@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from alignfl_audit.accounting import ACCOUNTANTS, epsilons
 from alignfl_audit.cli import main as cli_main
@@ -57,18 +56,9 @@ def config(privacy: dict, name: str) -> dict:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _env(tmp_path_factory):
-    """One intra-op thread (tiny models on busy cores); the embedded subset and a private cache dir
-    even without the shared conftest's session fixture."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    mp = pytest.MonkeyPatch()
-    mp.delenv("ALIGNFL_DATA_DIR", raising=False)
-    if not os.environ.get("ALIGNFL_CACHE_DIR"):
-        mp.setenv("ALIGNFL_CACHE_DIR", str(tmp_path_factory.mktemp("alignfl-cache")))
-    yield
-    mp.undo()
-    torch.set_num_threads(threads)
+def _env(one_torch_thread):
+    """One intra-op thread (tiny models on busy cores); the conftest's session fixture provides the
+    embedded subset (no $ALIGNFL_DATA_DIR) and a private cache dir."""
 
 
 @pytest.fixture(scope="module")

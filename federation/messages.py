@@ -115,6 +115,7 @@ def load_upload(path: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> Upload:
             raise UploadRejected(f"{path.name}: tensor {name} has non-finite values")
     extras = {e: {k[len(f"extra.{e}."):]: v for k, v in flat.items() if k.startswith(f"extra.{e}.")}
               for e in extras_declared}
+    tensors = {name: tensors[name] for name in expected}  # in the module's own order
     return Upload(meta["client"], meta["round"], kind, spec, tensors, meta["num_samples"], extras)
 
 

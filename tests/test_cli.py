@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import PROJECT_ROOT, tiny_config
@@ -162,3 +163,53 @@ def test_no_command_is_a_usage_error():
 def test_console_script_points_at_main():
     scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
     assert scripts.get("alignfl-audit") == "alignfl_audit.cli:main"
+
+
+# ------------------------------------------------------------------------------- inspect-upload
+def _inspect(capsys, *args):
+    from alignfl_audit.cli import main
+
+    code = main(["inspect-upload", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_inspect_upload_shows_a_decoder_upload_and_confirms_no_encoder(tmp_path, capsys):
+    from federation.client import Client
+    from federation.messages import write_upload
+    from federation.training import TrainSettings
+
+    client = Client(2, {"arch": "mlp", "latent_dim": 2, "hidden": [16, 8]}, torch.rand(10, 1, 28, 28),
+                    TrainSettings(rounds=1, local_epochs=1, batch_size=5), seed=0)
+    path = write_upload(client.decoder_upload(3), tmp_path)
+    code, out, err = _inspect(capsys, path)
+    assert code == 0, err
+    assert "valid decoder upload from client 2, round 3" in out
+    assert "encoder present: no" in out
+    n_params = sum(p.numel() for p in client.vae.decoder.parameters())
+    assert f"{n_params} parameters" in out
+    for name in client.vae.decoder.state_dict():
+        assert name in out
+    code, out, _ = _inspect(capsys, path, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["encoder_present"] is False and info["parameters"] == n_params
+    assert [t["name"] for t in info["tensors"]] == list(client.vae.decoder.state_dict())
+
+    full = write_upload(client.full_upload(3), tmp_path / "fedavg")
+    code, out, _ = _inspect(capsys, full)
+    assert code == 0 and "encoder present: YES" in out
+
+
+def test_inspect_upload_rejects_an_invalid_upload_in_one_line(tmp_path, capsys):
+    from federation.client import Client
+    from federation.messages import write_upload
+    from federation.training import TrainSettings
+
+    client = Client(0, {"arch": "mlp", "latent_dim": 2, "hidden": [16, 8]}, torch.rand(10, 1, 28, 28),
+                    TrainSettings(rounds=1, local_epochs=1, batch_size=5), seed=0)
+    path = write_upload(client.decoder_upload(0), tmp_path)
+    path.write_bytes(b"\x80\x04not a safetensors file")
+    code, out, err = _inspect(capsys, path)
+    assert code != 0 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("alignfl-audit: error:") and "sha256" in lines[0]

@@ -127,7 +127,7 @@ def _disagreements(eps: dict) -> list[str]:
     if len(rdp) == 2 and abs(rdp[0] - rdp[1]) > 0.05 * max(rdp):
         flags.append(f"Opacus RDP ({rdp[0]:.4f}) and dp-accounting RDP ({rdp[1]:.4f}) differ by more than 5%")
     if tight and rdp and min(rdp) < max(tight) - tol:
-        flags.append(f"an RDP bound ({min(rdp):.4f}) is below a PRV/PLD estimate ({max(tight):.4f})")
+        flags.append(f"an RDP bound ({min(rdp):.4f}) is below a PRV/PLD bound ({max(tight):.4f})")
     return flags
 
 

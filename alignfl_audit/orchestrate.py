@@ -24,6 +24,7 @@ from federation.metrics.utility import evaluate, probe
 from federation.privacy.budget import calibrate_noise, check_adaptive
 from federation.privacy.dp_sgd import DPPlan, make_plan
 from federation.privacy.ledger import PrivacyLedger
+from federation.privacy.spec import NO_GUARANTEE
 from federation.strategies import STRATEGY_CLASSES
 from federation.training import to_tensor
 
@@ -99,10 +100,13 @@ def training_units(cfg: ExperimentConfig, data: LoadedData, partition: Partition
 
 def new_ledger(cfg: ExperimentConfig, units: list[TrainingUnit]) -> PrivacyLedger:
     p = cfg.privacy
+    formal, note = p.formal_guarantee(), p.guarantee_note()
+    if formal and cfg.server.sampling == "gmm":
+        formal, note = False, (f"{NO_GUARANTEE}: DP-SGD covers the decoders, but each client also shares a "
+                               "latent GMM fitted on its private latents, which no mechanism covers")
     return PrivacyLedger(
-        mechanism=p.mechanism, formal_guarantee=p.formal_guarantee(), note=p.guarantee_note(),
-        delta=p.delta if p.formal_guarantee() else None,
-        target_epsilon=p.target_epsilon if p.formal_guarantee() else None,
+        mechanism=p.mechanism, formal_guarantee=formal, note=note,
+        delta=p.delta if formal else None, target_epsilon=p.target_epsilon if formal else None,
         clients={str(k): {"n": len(u.data), **({"sample_rate": u.dp_plan.sample_rate,
                                                   "noise_multiplier": u.dp_plan.noise_multiplier,
                                                   "planned_steps": u.settings.rounds * u.settings.local_epochs
@@ -198,9 +202,4 @@ def privacy_block(ledger: PrivacyLedger, shared: list[str]) -> dict:
     if "latent_gmm" in shared:
         block["extra_artifacts"] = {"latent_gmm": "a Gaussian mixture fitted on each client's private latents is "
                                                   "shared with no DP treatment: no formal guarantee covers it"}
-        if block["formal_guarantee"]:
-            block["formal_guarantee"] = False
-            block["epsilon_withheld"] = ("DP-SGD covers the decoder, but the shared latent GMM has no formal "
-                                         "guarantee, so no epsilon holds for what was shared")
-            block["clients"] = {}
     return block

@@ -6,7 +6,7 @@ import torch
 from federation.latent_gmm import ARTIFACT, fit_latent_gmm
 from federation.messages import Upload
 from federation.models import VAE
-from federation.privacy.budget import EPSILON_TOLERANCE, spent_epsilon
+from federation.privacy.budget import spent_epsilon
 from federation.privacy.dp_sgd import DPPlan, DPTrainer
 from federation.privacy.ledger import DPEvent, PrivacyLedger
 from federation.privacy.spec import PrivacySpec
@@ -57,7 +57,7 @@ class Client:
         planned = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_epoch * self.settings.local_epochs)
         target = self.privacy.target_epsilon
         if self.budget_exhausted or (target is not None and spent_epsilon(
-                self.privacy, self.ledger.history(self.id) + [planned]) > target + EPSILON_TOLERANCE):
+                self.privacy, self.ledger.history(self.id) + [planned]) > target):
             self.budget_exhausted = True
             return None
         start = self.dp.clip_bound

@@ -291,3 +291,17 @@ def test_explicit_bk_on_an_ineligible_model_is_a_one_line_config_error(model, sc
     assert "\n" not in str(info.value) and culprit in str(info.value)
     cfg["model"] = TINY_VAE
     assert from_dict(cfg).privacy.grad_sample_mode == "bk"
+
+
+def test_a_record_with_a_non_finite_gradient_contributes_nothing():
+    """A record whose loss overflows must not turn the released update into NaN (a data-dependent
+    output): it gets coefficient 0, and the update equals the clipped sum over the other records."""
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    eps = torch.randn(6, 2, generator=torch.Generator().manual_seed(4))
+    poisoned = x.clone()
+    poisoned[0] = 1e30  # the squared error overflows float32
+    got = spy_step(trainer_for(TINY_VAE), poisoned, eps)
+    assert all(bool(torch.isfinite(g).all()) for g in got["grads"].values())
+    want = spy_step(trainer_for(TINY_VAE), x[1:], eps[1:])  # the same trainer state without record 0
+    for name, g in want["grads"].items():
+        torch.testing.assert_close(got["grads"][name], g, rtol=1e-5, atol=1e-7, msg=name)

@@ -44,6 +44,7 @@ BASE = tiny_config(
     metrics={"fid_samples": 100, "probe_every_round": False},
 )
 NO_GUARANTEE = {
+    "dp-with-latent-gmm": {"mechanism": "dp-sgd", "target_epsilon": TARGET_EPSILON, "delta": DELTA},
     "lcd": {"mechanism": "lcd", "lcd_lambda": 1.0},
     "lcd-spectral": {"mechanism": "lcd-spectral"},
     "median-nonprivate": {"mechanism": "dp-sgd", "noise_multiplier": 1.0, "clipping": "median-nonprivate"},
@@ -77,7 +78,10 @@ def dp_run(_env, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=list(NO_GUARANTEE))
 def no_guarantee_run(_env, request, tmp_path_factory):
-    cfg = from_dict(config(NO_GUARANTEE[request.param], request.param))
+    cfg = config(NO_GUARANTEE[request.param], request.param)
+    if request.param == "dp-with-latent-gmm":  # DP-SGD on the decoders, plus an uncovered extra artifact
+        cfg["server"] = {**cfg["server"], "sampling": "gmm", "gmm_components": 2}
+    cfg = from_dict(cfg)
     run = run_experiment(cfg, out=tmp_path_factory.mktemp(request.param) / "run", quiet=True)
     return request.param, run.path
 
@@ -130,7 +134,7 @@ def test_dp_run_metrics_report_every_accountant_within_the_target(dp_run):
         assert set(res["accountants"]) == set(ACCOUNTANTS)
         for name, r in res["accountants"].items():
             assert r["error"] is None and 0 < r["epsilon"] <= TARGET_EPSILON + EPSILON_TOLERANCE, (cid, name, r)
-        assert res["headline"]["epsilon"] <= TARGET_EPSILON + EPSILON_TOLERANCE
+        assert res["headline"]["epsilon"] <= TARGET_EPSILON  # the calibration accountant is one of the four
         assert res["headline"]["epsilon"] == min(r["epsilon"] for r in res["accountants"].values())
         assert res["flags"] == []
         # the numbers are a pure function of the ledger's events
@@ -190,7 +194,7 @@ def test_a_client_never_overruns_its_budget(tmp_path):
     assert [e.round for e in ledger.events] == list(range(ROUNDS))
     spent = spent_epsilon(cfg.privacy, ledger.history(0))
     assert spent <= TARGET_EPSILON + EPSILON_TOLERANCE
-    assert epsilons(ledger.history(0), DELTA)["headline"]["epsilon"] <= TARGET_EPSILON + EPSILON_TOLERANCE
+    assert epsilons(ledger.history(0), DELTA)["headline"]["epsilon"] <= TARGET_EPSILON
     # one more round would have overrun it
     planned = (unit.dp_plan.noise_multiplier, unit.dp_plan.sample_rate, unit.dp_plan.steps_per_epoch)
     assert spent_epsilon(cfg.privacy, ledger.history(0) + [planned]) > TARGET_EPSILON + EPSILON_TOLERANCE
@@ -218,12 +222,12 @@ def test_no_formal_guarantee_means_no_epsilon(no_guarantee_run, capsys):
     metrics = read(path, "metrics.json")
     block = metrics["privacy"]
     assert block["formal_guarantee"] is False
-    assert block["clients"] == {}
+    assert block["clients"] == {} and block["target_epsilon"] is None and block["delta"] is None
     assert "no formal DP guarantee" in block["epsilon_withheld"]
     assert _epsilon_values(block) == []
     ledger = read(path, "privacy_ledger.json")
     assert ledger["formal_guarantee"] is False
-    if name in ("median-nonprivate", "scope-decoder"):  # DP-SGD still ran and was recorded
+    if name in ("median-nonprivate", "scope-decoder", "dp-with-latent-gmm"):  # DP-SGD ran and was recorded
         assert len(ledger["events"]) == 2 * ROUNDS
     else:
         assert ledger["events"] == []

@@ -194,8 +194,15 @@ class DPTrainer:
             # G_l = d(sum_i loss_i)/d(out_l): row i is sample i's gradient w.r.t. the layer output
             backprops = self.bookkeeper.backprops(losses)
         norms = self.bookkeeper.per_sample_norms(backprops, len(x)).detach()
-        bound = self.rule.bound(norms)
-        coeff = (bound / (norms + 1e-6)).clamp(max=1.0)
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            # a record whose gradient is not finite contributes nothing (inf * 0 would turn the whole
+            # released update into NaN, a data-dependent output), and is counted as clipped
+            backprops = [(layer, None if a is None else a.masked_fill(~finite[:, None], 0.0),
+                          None if g is None else g.masked_fill(~finite[:, None], 0.0)) for layer, a, g in backprops]
+            norms = norms.masked_fill(~finite, float("inf"))
+        bound = self.rule.bound(norms[finite]) if self.rule.mode == "median-nonprivate" else self.rule.bound(norms)
+        coeff = (bound / (norms + 1e-6)).clamp(max=1.0).masked_fill(~finite, 0.0)
         summed = self.bookkeeper.clipped_sums(backprops, coeff)
         del backprops
         std = self.noise_multiplier * bound

@@ -46,7 +46,7 @@ def load_data(cfg: ExperimentConfig, data_root: str | Path | None = None) -> Loa
                                      "files": {**train.files, **test.files}}}
     outlier_train = None
     o = cfg.partition.outliers
-    if o.count + o.holdout > 0:
+    if o.count + o.holdout + cfg.partition.canaries.count > 0:
         osource = resolve_source(cfg.outlier_dataset, **args)
         if osource.kind != source.kind:
             raise DataError(f"{cfg.data.dataset} comes from the {source.kind} source but {cfg.outlier_dataset} "
@@ -61,8 +61,9 @@ def client_tensors(data: LoadedData, partition: Partition) -> list[torch.Tensor]
     out = []
     for shard in partition.shards:
         images = data.train.images[shard.train_ids]
-        if len(shard.outlier_ids):
-            images = np.concatenate([images, data.outlier_train.images[shard.outlier_ids]])
+        extra = np.concatenate([shard.outlier_ids, shard.canary_ids])
+        if len(extra):
+            images = np.concatenate([images, data.outlier_train.images[extra]])
         out.append(to_tensor(images))
     return out
 
@@ -185,7 +186,8 @@ def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, s
         "data": data.provenance,
         "partition": {"clients": [{"client": s.client, "classes": s.classes,
                                    "class_counts": {str(k): v for k, v in s.class_counts.items()},
-                                   "outliers": int(len(s.outlier_ids)), "holdout": int(len(s.holdout_ids))}
+                                   "outliers": int(len(s.outlier_ids)), "holdout": int(len(s.holdout_ids)),
+                                   "canaries_included": int(len(s.canary_ids))}
                                   for s in partition.shards],
                       "outlier_controls": int(len(partition.outlier_control_ids))},
         "timing_seconds": {"train": round(train_seconds, 2),

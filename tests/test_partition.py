@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from federation.data.idx import read_idx
-from federation.data.partition import OutlierSpec, PartitionSpec, make_partition
+from federation.data.partition import CanarySpec, OutlierSpec, PartitionSpec, make_partition
 from federation.data.sources import EMBEDDED_ROOT, DataSource, load_split
 from federation.errors import ConfigError
 
@@ -223,6 +223,8 @@ def test_class_disjoint_property(case):
     (dict(scheme="iid"), "scheme must be"),
     (dict(outliers=OutlierSpec(count=1, client=5)), "outliers.client 5 is not a client"),
     (dict(outliers=OutlierSpec(count=-1)), "must be >= 0"),
+    (dict(canaries=CanarySpec(count=-2)), "canaries.count must be >= 0"),
+    (dict(canaries=CanarySpec(count=5, client=7)), "canaries.client 7 is not a client"),
 ])
 def test_invalid_specs_raise_config_error(embedded_labels, kwargs, match):
     labels, olabels = embedded_labels
@@ -240,3 +242,28 @@ def test_holdout_larger_than_class_is_config_error(embedded_labels):
     with pytest.raises(ConfigError, match="cannot take"):
         make_partition(PartitionSpec(holdout_per_class=10, outliers=OutlierSpec(count=3000, holdout=1)),
                        labels, olabels, "mnist", "fashion_mnist", 0)
+
+
+# ------------------------------------------------------------------------------------ canaries
+def test_canaries_are_fresh_items_included_by_fair_coins(embedded_labels):
+    labels, olabels = embedded_labels
+    base = PartitionSpec(holdout_per_class=10, outliers=OutlierSpec(count=40, holdout=30))
+    plain = make_partition(base, labels, olabels, "mnist", "fashion_mnist", 3)
+    spec = PartitionSpec(holdout_per_class=10, outliers=OutlierSpec(count=40, holdout=30),
+                         canaries=CanarySpec(count=400, client=2))
+    part = make_partition(spec, labels, olabels, "mnist", "fashion_mnist", 3)
+    # adding canaries moves no other draw
+    for a, b in zip(plain.shards, part.shards):
+        np.testing.assert_array_equal(a.train_ids, b.train_ids)
+        np.testing.assert_array_equal(a.outlier_ids, b.outlier_ids)
+    np.testing.assert_array_equal(plain.outlier_control_ids, part.outlier_control_ids)
+    ids, inc = part.canary_ids, part.canary_included
+    assert len(ids) == 400 and len(set(ids.tolist())) == 400
+    used = set(part.outlier_control_ids.tolist()) | set(np.concatenate([s.outlier_ids for s in part.shards]).tolist())
+    assert not set(ids.tolist()) & used
+    # fair coins: 400 flips, |heads - 200| < 4 sd (false alarm about 6e-5)
+    assert abs(int(inc.sum()) - 200) < 4 * 10
+    assert sorted(part.shards[2].canary_ids.tolist()) == sorted(ids[inc].tolist())
+    assert all(len(s.canary_ids) == 0 for s in part.shards if s.client != 2)
+    record = part.to_json()["canaries"]
+    assert record["client"] == 2 and record["included"] == inc.tolist() and record["inclusion_probability"] == 0.5

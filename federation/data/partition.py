@@ -24,6 +24,15 @@ class OutlierSpec:
 
 
 @dataclass
+class CanarySpec:
+    """One-run audit canaries (Steinke, Nasr, Jagielski 2023): ``count`` never-used items of the outlier
+    source, each inserted into ``client``'s training set independently with probability 1/2."""
+
+    count: int = 0
+    client: int = 0
+
+
+@dataclass
 class PartitionSpec:
     scheme: str = "class_disjoint"  # class_disjoint | dirichlet
     client_classes: list = field(default_factory=lambda: [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]])
@@ -32,6 +41,7 @@ class PartitionSpec:
     samples_per_class: int = 6000
     holdout_per_class: int = 500
     outliers: OutlierSpec = field(default_factory=OutlierSpec)
+    canaries: CanarySpec = field(default_factory=CanarySpec)
 
     @property
     def n_clients(self) -> int:
@@ -66,6 +76,11 @@ class PartitionSpec:
             raise ConfigError("partition.outliers.count and .holdout must be >= 0")
         if not 0 <= o.client < self.n_clients:
             raise ConfigError(f"partition.outliers.client {o.client} is not a client (0..{self.n_clients - 1})")
+        c = self.canaries
+        if c.count < 0:
+            raise ConfigError(f"partition.canaries.count must be >= 0, got {c.count}")
+        if not 0 <= c.client < self.n_clients:
+            raise ConfigError(f"partition.canaries.client {c.client} is not a client (0..{self.n_clients - 1})")
 
 
 @dataclass
@@ -76,11 +91,12 @@ class ClientShard:
     outlier_ids: np.ndarray  # into the outlier dataset's train split
     holdout_ids: np.ndarray  # main dataset, the client's distribution, never trained on
     class_counts: dict[int, int]
+    canary_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # outlier source, included canaries
 
     def to_json(self) -> dict:
         return {"client": self.client, "classes": self.classes,
                 "class_counts": {str(c): n for c, n in sorted(self.class_counts.items())},
-                "n_train": int(len(self.train_ids) + len(self.outlier_ids)),
+                "n_train": int(len(self.train_ids) + len(self.outlier_ids) + len(self.canary_ids)),
                 "train_ids": self.train_ids.tolist(), "outlier_ids": self.outlier_ids.tolist(),
                 "holdout_ids": self.holdout_ids.tolist()}
 
@@ -93,6 +109,9 @@ class Partition:
     shards: list[ClientShard]
     outlier_control_ids: np.ndarray  # outlier source, never trained on
     seed: int
+    canary_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # all m candidates
+    canary_included: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # the coin flips
+    canary_client: int | None = None
 
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "outlier_dataset": self.outlier_dataset, "scheme": self.scheme,
@@ -102,7 +121,10 @@ class Partition:
                 "outliers": {"dataset": self.outlier_dataset,
                              "client": next((s.client for s in self.shards if len(s.outlier_ids)), None),
                              "ids": np.concatenate([s.outlier_ids for s in self.shards]).tolist(),
-                             "control_ids": self.outlier_control_ids.tolist()}}
+                             "control_ids": self.outlier_control_ids.tolist()},
+                "canaries": {"dataset": self.outlier_dataset, "client": self.canary_client,
+                             "ids": self.canary_ids.tolist(), "included": self.canary_included.tolist(),
+                             "inclusion_probability": 0.5}}
 
 
 def make_partition(spec: PartitionSpec, labels: np.ndarray, outlier_labels: np.ndarray,
@@ -136,10 +158,13 @@ def make_partition(spec: PartitionSpec, labels: np.ndarray, outlier_labels: np.n
                 hold[i].append(ho)
     o = spec.outliers
     opool = rng.permutation(len(outlier_labels))
-    if o.count + o.holdout > len(opool):
-        raise ConfigError(f"{outlier_dataset} has {len(opool)} training images; cannot take {o.count} outliers "
-                          f"and {o.holdout} controls")
+    m = spec.canaries.count
+    if o.count + o.holdout + m > len(opool):
+        raise ConfigError(f"{outlier_dataset} has {len(opool)} training images; cannot take {o.count} outliers, "
+                          f"{o.holdout} controls and {m} canaries")
     controls, outliers = opool[:o.holdout], opool[o.holdout:o.holdout + o.count]
+    canaries = opool[o.holdout + o.count:o.holdout + o.count + m]
+    included = np.random.default_rng([seed, 0xCA7A]).random(m) < 0.5  # own stream: other draws do not move
     shards = []
     for i in range(k):
         ids = np.sort(np.concatenate(train[i])) if train[i] else np.zeros(0, np.int64)
@@ -149,8 +174,10 @@ def make_partition(spec: PartitionSpec, labels: np.ndarray, outlier_labels: np.n
             client=i, classes=sorted(counts[i]), train_ids=ids,
             outlier_ids=np.sort(outliers) if i == o.client else np.zeros(0, np.int64),
             holdout_ids=np.sort(np.concatenate(hold[i])) if hold[i] else np.zeros(0, np.int64),
-            class_counts=counts[i]))
-    return Partition(dataset, outlier_dataset, spec.scheme, shards, np.sort(controls), seed)
+            class_counts=counts[i],
+            canary_ids=np.sort(canaries[included]) if i == spec.canaries.client else np.zeros(0, np.int64)))
+    return Partition(dataset, outlier_dataset, spec.scheme, shards, np.sort(controls), seed,
+                     canaries, included, spec.canaries.client if m else None)
 
 
 def _split(ids: np.ndarray, shares: np.ndarray) -> list[np.ndarray]:

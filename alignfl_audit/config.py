@@ -60,6 +60,27 @@ class MetricsConfig:
 
 
 @dataclass
+class AuditConfig:
+    """How ``alignfl-audit audit`` attacks a finished run (see docs/threat-model.md)."""
+
+    members_per_client: int = 500  # members drawn from a client's training records; as many non-members
+    latent_fit_steps: int = 60  # Adam steps refining each latent
+    latent_fit_restarts: int = 3  # best prior inits refined per record
+    latent_fit_init: int = 1024  # prior samples decoded once to seed the restarts
+    latent_fit_lambda: float = 0.01  # weight of ||z||^2 in the latent-fit objective
+    generated_samples: int = 10000  # Monte-Carlo and nearest-sample attacks
+    reference_models: bool = True  # reference-calibrated attacks (one reference VAE per client)
+    reference_epochs: typing.Optional[int] = None  # default: the run's rounds x local_epochs
+    bootstrap: int = 200  # resamples for the 95% CIs
+    alpha: float = 0.05  # confidence level of every empirical-epsilon bound is 1 - alpha
+    inliers: int = 200  # inliers of the outlier client reconstructed next to the outliers
+    reconstruction_threshold: float = 0.5  # normalized distance below which a record counts as reconstructed
+    lipschitz_prior_points: int = 256
+    lipschitz_ascent_steps: int = 20
+    canary_guesses: float = 0.2  # one-run audit: guess "in"/"out" for this fraction of canaries each side
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -72,6 +93,7 @@ class ExperimentConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     # ---------------------------------------------------------------- derived
     @property
@@ -138,6 +160,7 @@ class ExperimentConfig:
             if not all(isinstance(c, dict) for c in self.clients):
                 raise ConfigError("each entry of clients must be a model spec mapping")
         self.privacy.validate()
+        _check_audit(self.audit)
         if self.privacy.mechanism != "none" and self.strategy.name in ("fedavg", "fedprox"):
             raise ConfigError(f"privacy.mechanism {self.privacy.mechanism!r} is implemented for the alignfl and "
                               f"centralized strategies, not {self.strategy.name}")
@@ -149,6 +172,23 @@ class ExperimentConfig:
             raise ConfigError(f"{self.strategy.name} averages parameters and needs one architecture for all "
                               "clients; the clients list differs")
         return self
+
+
+def _check_audit(a: AuditConfig) -> None:
+    for name in ("members_per_client", "latent_fit_steps", "latent_fit_restarts", "latent_fit_init",
+                 "generated_samples", "bootstrap", "inliers", "lipschitz_prior_points"):
+        if getattr(a, name) <= 0:
+            raise ConfigError(f"audit.{name} must be > 0, got {getattr(a, name)}")
+    if a.reference_epochs is not None and a.reference_epochs <= 0:
+        raise ConfigError(f"audit.reference_epochs must be > 0, got {a.reference_epochs}")
+    if a.lipschitz_ascent_steps < 0 or not a.latent_fit_lambda >= 0:
+        raise ConfigError("audit.lipschitz_ascent_steps and audit.latent_fit_lambda must be >= 0")
+    if not 0 < a.alpha < 1:
+        raise ConfigError(f"audit.alpha must be in (0, 1), got {a.alpha}")
+    if not 0 < a.canary_guesses <= 0.5:
+        raise ConfigError(f"audit.canary_guesses must be in (0, 0.5], got {a.canary_guesses}")
+    if not a.reconstruction_threshold > 0:
+        raise ConfigError(f"audit.reconstruction_threshold must be > 0, got {a.reconstruction_threshold}")
 
 
 def _check_bk(privacy: PrivacySpec, specs: list[dict]) -> None:

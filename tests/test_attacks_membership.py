@@ -1,0 +1,114 @@
+"""Membership inference against a single decoder: the attacks separate members of an overfit decoder,
+and do no better than chance on a decoder that never saw any candidate; the metrics count rates
+over the right denominators."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attacks.membership import (LatentFitAttack, MonteCarloAttack, NearestSampleAttack, ReferenceCalibrated,
+                                membership_game)
+from attacks.mia_metrics import membership_metrics, point_metrics
+from federation.client import seeded_generator
+from federation.data.sources import load_split, resolve_source
+from federation.models import VAE
+from federation.training import to_tensor, train_epochs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+SPEC = {"arch": "mlp", "latent_dim": 2, "hidden": [256, 128]}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Embedded MNIST records of classes 0 and 1, shuffled with a fixed seed."""
+    split = load_split(resolve_source("mnist"), "mnist", "train")
+    x, y = to_tensor(split.images), split.labels
+    ids = np.random.default_rng(0).permutation(np.flatnonzero(y < 2))
+    return x, ids
+
+
+def _decoder(data: torch.Tensor, epochs: int, seed: int = 0):
+    torch.manual_seed(seed)
+    vae = VAE(SPEC)
+    train_epochs(vae, torch.optim.Adam(vae.parameters(), lr=2e-3), data, epochs, 32, 1.0,
+                 torch.Generator().manual_seed(seed))
+    return vae.decoder.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def overfit(digits):
+    """32 records, 400 epochs: a decoder that has memorized its training set."""
+    x, ids = digits
+    return _decoder(x[ids[:32]], 400), x[ids[:32]], x[ids[32:64]]
+
+
+def _auc(attack, decoder, members, nonmembers) -> float:
+    scores = attack.fit(decoder, 2, seeded_generator(1)).score(torch.cat([members, nonmembers]))
+    return point_metrics(scores, np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)])["auc"]
+
+
+def test_white_box_latent_fit_separates_members_of_an_overfit_decoder(overfit):
+    decoder, members, nonmembers = overfit
+    assert _auc(LatentFitAttack(), decoder, members, nonmembers) > 0.9
+
+
+@pytest.mark.parametrize("attack", [MonteCarloAttack(2000), NearestSampleAttack(2000)], ids=lambda a: a.name)
+def test_black_box_attacks_beat_chance_on_an_overfit_decoder(overfit, attack):
+    decoder, members, nonmembers = overfit
+    assert _auc(attack, decoder, members, nonmembers) > 0.75
+
+
+def test_attacks_are_at_chance_on_a_decoder_that_never_saw_the_candidates(digits):
+    x, ids = digits
+    decoder = _decoder(x[ids[:200]], 30)
+    members, nonmembers = x[ids[200:400]], x[ids[400:600]]  # neither group was trained on
+    for attack in (LatentFitAttack(), NearestSampleAttack(2000)):
+        assert 0.4 <= _auc(attack, decoder, members, nonmembers) <= 0.6, attack.name
+
+
+def test_calibration_subtracts_the_reference_score(overfit):
+    decoder, members, nonmembers = overfit
+    records = torch.cat([members, nonmembers])
+    reference = _decoder(nonmembers, 50, seed=3)
+    calibrated = ReferenceCalibrated(NearestSampleAttack, reference).fit(decoder, 2, seeded_generator(1))
+    g = seeded_generator(1)  # the wrapper fits target then reference from one generator
+    target = NearestSampleAttack().fit(decoder, 2, g).score(records)
+    ref = NearestSampleAttack().fit(reference, 2, g).score(records)
+    assert calibrated.name == "nearest_generated_sample_calibrated"
+    np.testing.assert_allclose(calibrated.score(records), target - ref)
+
+
+def test_scores_are_deterministic_under_a_seed(overfit):
+    decoder, members, _ = overfit
+    a = LatentFitAttack(steps=20).fit(decoder, 2, seeded_generator(5)).score(members)
+    b = LatentFitAttack(steps=20).fit(decoder, 2, seeded_generator(5)).score(members)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_membership_game_is_balanced_and_draws_from_the_right_pools():
+    record = {"client": 2, "train_ids": list(range(100, 400)), "holdout_ids": list(range(1000, 1040))}
+    game = membership_game(record, 50, seed=0)
+    assert len(game.member_ids) == len(game.nonmember_ids) == 40  # limited by the held-out pool
+    assert set(game.member_ids) <= set(record["train_ids"])
+    assert set(game.nonmember_ids) <= set(record["holdout_ids"])
+    assert game.labels.sum() == 40 and (~game.labels).sum() == 40
+    again = membership_game(record, 50, seed=0)
+    np.testing.assert_array_equal(game.ids, again.ids)
+
+
+def test_rates_use_members_for_tpr_and_nonmembers_for_fpr():
+    # 4 members, 10 non-members. At the threshold between 0.65 and 0.7: 3 of 4 members above (TPR 0.75),
+    # 1 of 10 non-members above (FPR 0.1). A denominator mix-up would give other numbers.
+    members = np.array([0.9, 0.8, 0.7, 0.1])
+    nonmembers = np.array([0.65, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.12, 0.11, 0.95])
+    scores = np.r_[members, nonmembers]
+    labels = np.r_[np.ones(4, bool), np.zeros(10, bool)]
+    m = point_metrics(scores, labels)
+    assert m["tpr_at_10pct_fpr"] == pytest.approx(0.75)
+    assert m["tpr_at_1pct_fpr"] == 0.0  # the top score is a non-member
+    assert m["advantage"] == pytest.approx(0.75 - 0.1)
+    full = membership_metrics(scores, labels, bootstrap=50, seed=0)
+    assert full["n_members"] == 4 and full["n_nonmembers"] == 10 and full["fpr_resolution"] == 0.1
+    lo, hi = full["auc_ci"]
+    assert lo <= full["auc"] <= hi

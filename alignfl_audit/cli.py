@@ -119,6 +119,44 @@ def _inspect_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    overrides = _parse_sets(args.set)
+    from alignfl_audit.audit import run_audit  # the attack stack loads only when asked for
+
+    path = run_audit(args.run_dir, data_root=args.data_root, overrides=overrides, seed=args.seed, quiet=args.quiet)
+    import json
+
+    audit = json.loads(path.read_text())
+    best = max(audit["mia"].items(), key=lambda kv: kv[1]["auc"])
+    o = audit["outliers"]
+    outl = (f" outliers reconstructed {o['reconstruction_rate']:.3f} vs controls {o['control_rate']:.3f}"
+            if o and o.get("control_rate") is not None else "")
+    acc = audit["accountant"]
+    formal = f"accountant epsilon={acc['epsilon']:.3f}" if acc["formal_guarantee"] else "no formal guarantee"
+    print(f"{path}: best AUC {best[1]['auc']:.3f} ({best[0]}), empirical epsilon_lb="
+          f"{audit['empirical_epsilon']:.3f} ({formal}){outl}")
+    return 0
+
+
+def _empirical_epsilon(args: argparse.Namespace) -> int:
+    import json
+
+    from attacks.empirical_epsilon import clopper_pearson_epsilon, load_scores
+
+    res = clopper_pearson_epsilon(load_scores(args.member_scores, "member scores"),
+                                  load_scores(args.nonmember_scores, "non-member scores"),
+                                  args.delta, alpha=args.alpha, selection=args.selection, seed=args.seed)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"empirical epsilon >= {res['epsilon_lb']:.4f} at delta = {res['delta']:g}, "
+          f"{1 - res['alpha']:.0%} confidence (Clopper-Pearson, {res['selection']} threshold selection)")
+    print(f"  threshold {res['threshold']:.6g}: FPR {res['fpr']:.4f} (upper {res['fpr_ub']:.4f}), "
+          f"FNR {res['fnr']:.4f} (upper {res['fnr_ub']:.4f}) on the held-out half: "
+          f"{res['n_members_eval']} members, {res['n_nonmembers_eval']} non-members")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -129,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  alignfl-audit run configs/paper-mnist.yaml --data-root DIR [--out DIR] [--seed N] [--quiet]\n"
                "  alignfl-audit epsilon --sampling-rate 0.01 --noise-multiplier 1.0 --steps 1000 --delta 1e-5\n"
                "  alignfl-audit epsilon --ledger RUN_DIR\n"
+               "  alignfl-audit audit RUN_DIR                                attack a finished run's shared decoders\n"
+               "  alignfl-audit empirical-epsilon --member-scores IN.npy --nonmember-scores OUT.npy --delta 1e-5\n"
                "'alignfl-audit COMMAND --help' describes each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
@@ -169,6 +209,40 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("path", help="a client-K.safetensors file (its client-K.json sidecar beside it)")
     insp.add_argument("--json", action="store_true", help="print JSON")
     insp.set_defaults(func=_inspect_upload)
+
+    aud = sub.add_parser(
+        "audit", help="attack a finished run's shared decoders and write audit.json",
+        description="Play the adversary of docs/threat-model.md against a finished run, from its shared decoders "
+                    "(shared/round-R/), its partition record and the public datasets only, without retraining "
+                    "the system: membership inference (white-box latent fit, Monte-Carlo, nearest generated "
+                    "sample, reference-calibrated variants), outlier reconstruction against controls, the "
+                    "Lipschitz bracket of every shared decoder, and empirical epsilon lower bounds. Writes "
+                    "RUN_DIR/audit.json and RUN_DIR/audit/ (raw scores, figures). Settings come from the run's "
+                    "audit section; override them with --set audit.KEY=VALUE.")
+    aud.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'alignfl-audit run'")
+    aud.add_argument("--data-root", metavar="DIR", help="where the public datasets are (default: where the run "
+                                                        "found them); files must match the run's sha256")
+    aud.add_argument("--seed", type=int, help="audit seed (default: the run's seed)")
+    aud.add_argument("--set", action="append", metavar="audit.KEY=VALUE", help="override an audit setting")
+    aud.add_argument("--quiet", action="store_true", help="no progress bars")
+    aud.set_defaults(func=_audit)
+
+    emp = sub.add_parser(
+        "empirical-epsilon", help="a lower bound on epsilon from membership-attack scores (Clopper-Pearson)",
+        description="Turn the scores of a membership attack (higher = member) into a lower bound on epsilon "
+                    "that holds with confidence 1 - alpha (Jagielski et al. 2020): half of each score set picks "
+                    "the threshold, the other half bounds its FPR (over non-members) and FNR (over members) with "
+                    "Clopper-Pearson. Each score is taken as an independent trial of the mechanism.")
+    emp.add_argument("--member-scores", required=True, metavar="A.npy", help="1-D .npy array, scores of members")
+    emp.add_argument("--nonmember-scores", required=True, metavar="B.npy",
+                     help="1-D .npy array, scores of non-members")
+    emp.add_argument("--delta", type=float, required=True, metavar="D")
+    emp.add_argument("--alpha", type=float, default=0.05, help="1 - confidence (default 0.05)")
+    emp.add_argument("--selection", choices=("split", "bonferroni"), default="split",
+                     help="threshold selection: split (default), or bonferroni over a grid of 20 candidates")
+    emp.add_argument("--seed", type=int, default=0, help="seed of the selection/evaluation split (default 0)")
+    emp.add_argument("--json", action="store_true", help="print JSON")
+    emp.set_defaults(func=_empirical_epsilon)
     return parser
 
 

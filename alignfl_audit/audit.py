@@ -1,0 +1,317 @@
+"""``alignfl-audit audit RUN_DIR``: attack a finished run from what it shared, without retraining it.
+
+The attacks see the run's shared decoders (``shared/``), its partition record (``partition.json``)
+and the public datasets, nothing else. This module only wires them together: it locates and checks
+the public data, assembles each client's membership game, runs the attacks, and writes
+``audit.json`` plus the raw evidence (scores, ROC arrays, reconstructions) under ``audit/``.
+The recipe used for reference models (architecture spec, epochs, KL weight) comes from the resolved
+config: the recipe is treated as public, the data as private.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from alignfl_audit.config import ExperimentConfig, from_dict
+from alignfl_audit.rundir import RunDir
+from attacks.empirical_epsilon import clopper_pearson_epsilon, one_run_epsilon
+from attacks.latent_fit import fit_latents
+from attacks.lipschitz import lipschitz_bracket
+from attacks.membership import (LatentFitAttack, MonteCarloAttack, NearestSampleAttack, ReferenceCalibrated,
+                                membership_game)
+from attacks.mia_metrics import membership_metrics, roc_arrays
+from attacks.outlier_reconstruction import domain_classifier, reconstruct_groups
+from attacks.reference_models import ReferenceRecipe, train_reference_decoder
+from attacks.shared_artifacts import SharedRun, load_shared_run
+from federation.client import seeded_generator
+from federation.data.sources import EMBEDDED_ROOT, DataSource, _has_dataset, load_split, resolve_source
+from federation.errors import ConfigError, DataError
+from federation.training import to_tensor
+
+AUDIT_FORMAT = "alignfl-audit/1"
+
+
+def _config(run: RunDir, overrides: dict) -> ExperimentConfig:
+    import yaml
+
+    path = run.file("config.resolved.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise DataError(f"cannot read the run's resolved config {path}: {err}") from None
+    for dotted, value in overrides.items():
+        if not dotted.startswith("audit."):
+            raise ConfigError(f"audit --set only takes audit.* keys, got {dotted!r}")
+        data.setdefault("audit", {})[dotted.split(".", 1)[1]] = value
+    return from_dict(data)
+
+
+def _source(dataset: str, provenance: dict | None, data_root, cfg: ExperimentConfig) -> DataSource:
+    if data_root is not None:
+        return resolve_source(dataset, data_root)
+    if provenance and provenance.get("source") == "embedded":
+        return DataSource(EMBEDDED_ROOT, "embedded")
+    if provenance and provenance.get("root") and _has_dataset(Path(provenance["root"]), dataset):
+        return DataSource(Path(provenance["root"]), "data-root")
+    return resolve_source(dataset, cfg.data.root, allow_embedded=cfg.data.allow_embedded)
+
+
+def _load(dataset: str, split: str, provenance: dict, data_root, cfg: ExperimentConfig):
+    """A public split, checked against the sha256 the run recorded: record ids index into exactly
+    the files the run used."""
+    prov = provenance.get(dataset)
+    data = load_split(_source(dataset, prov, data_root, cfg), dataset, split)
+    for name, digest in data.files.items():
+        recorded = (prov or {}).get("files", {}).get(name)
+        if recorded is not None and recorded != digest:
+            raise DataError(f"{dataset} {name} differs from the file the run used (sha256 {digest[:12]} vs "
+                            f"{recorded[:12]}); pass --data-root with the run's data")
+    return data
+
+
+def _attacks(a, calibrated: bool) -> dict:
+    """name -> (reference decoder or None -> a fresh attack)."""
+    def latent():
+        return LatentFitAttack(a.latent_fit_lambda, a.latent_fit_init, a.latent_fit_restarts, a.latent_fit_steps)
+
+    def mc():
+        return MonteCarloAttack(a.generated_samples)
+
+    def nearest():
+        return NearestSampleAttack(a.generated_samples)
+
+    out = {f().name: (lambda ref, f=f: f()) for f in (latent, mc, nearest)}
+    if calibrated:
+        out.update({f().name + "_calibrated": (lambda ref, f=f: ReferenceCalibrated(f, ref)) for f in (latent, mc)})
+    return out
+
+
+def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None, seed: int | None = None,
+              quiet: bool = False) -> Path:
+    started = time.perf_counter()
+    run = RunDir(run_dir)
+    shared = load_shared_run(run.path)
+    cfg = _config(run, overrides or {})
+    a = cfg.audit
+    seed = cfg.seed if seed is None else seed
+    torch.manual_seed(seed)
+    provenance = run.read_json("metrics.json").get("data", {}) if run.file("metrics.json").is_file() else {}
+    part = shared.partition
+    main_ds, out_ds = part["dataset"], part["outlier_dataset"]
+    train = _load(main_ds, "train", provenance, data_root, cfg)
+    test = _load(main_ds, "test", provenance, data_root, cfg)
+    needs_outlier_source = bool(part.get("outliers", {}).get("ids") or part.get("canaries", {}).get("ids"))
+    out_train = _load(out_ds, "train", provenance, data_root, cfg) if needs_outlier_source else None
+    images = to_tensor(train.images)
+
+    clients = [c for c in part["clients"] if c["client"] in shared.decoders]
+    steps = len(clients) * (2 if a.reference_models else 1) + 3
+    bar = tqdm(total=steps, disable=quiet, desc="audit", unit="step", leave=False)
+
+    def tick(msg: str) -> None:
+        bar.set_postfix_str(msg)
+        bar.update(1)
+
+    timing: dict[str, float] = {}
+
+    def timed(phase: str, fn, *args):
+        t0 = time.perf_counter()
+        result = fn(*args)
+        timing[phase] = round(time.perf_counter() - t0, 2)
+        return result
+
+    references = timed("references", _references, shared, clients, cfg, test, seed, tick) \
+        if a.reference_models else None
+    evidence: dict[str, np.ndarray] = {}
+    mia = timed("membership", _membership, shared, clients, images, a, references, seed, evidence, tick)
+    delta = cfg.privacy.delta
+    eps = _empirical_epsilon(evidence, list(mia), delta, a.alpha, seed)
+    tick("outliers")
+    outliers = None
+    if out_train is not None and part.get("outliers", {}).get("ids"):
+        out_test = _load(out_ds, "test", provenance, data_root, cfg)
+        outliers = timed("outliers", _outliers, shared, part, images, test, out_train, out_test, a, seed, run)
+    tick("lipschitz")
+    lipschitz = timed("lipschitz", _lipschitz, shared, clients, images, a, seed)
+    tick("canaries")
+    canaries = timed("canaries", _canaries, shared, part, out_train, a, delta, seed, evidence)
+    bar.close()
+
+    audit = {
+        "format": AUDIT_FORMAT, "run": str(run.path), "seed": seed, "settings": vars(a).copy(),
+        "threat_model": "white-box access to every shared decoder (and declared extra artifacts) plus "
+                        "candidate records; no encoder, no private training state (docs/threat-model.md)",
+        "shared_artifacts": sorted({k for c in shared.decoders.values() for d in c.values()
+                                    for k in ["decoder" if d.kind == "decoder" else "vae", *d.extra_artifacts]}),
+        "rejected_uploads": shared.rejected,
+        "mia": mia,
+        "empirical_epsilon": eps["headline"],
+        "empirical_epsilon_detail": eps,
+        "outliers": outliers,
+        "lipschitz": lipschitz,
+        "canaries": canaries,
+        "accountant": _accountant(run),
+        "timing_seconds": {**timing, "audit": round(time.perf_counter() - started, 2)},
+    }
+    folder = run.file("audit")
+    folder.mkdir(exist_ok=True)
+    np.savez_compressed(folder / "scores.npz", **evidence)
+    run.write_json("audit.json", audit)
+    return run.file("audit.json")
+
+
+def _references(shared: SharedRun, clients, cfg, test, seed, tick) -> dict:
+    """One reference decoder per client: the client's recipe on the public test split's records of the
+    client's classes (population data the client never held)."""
+    t = cfg.training
+    recipe = ReferenceRecipe(cfg.audit.reference_epochs or t.rounds * t.local_epochs, t.batch_size, t.lr,
+                             t.lambda_kl, cfg.privacy.lcd_lambda if cfg.privacy.mechanism == "lcd" else 0.0)
+    refs = {}
+    for c in clients:
+        k = c["client"]
+        mask = np.isin(test.labels, c["classes"]) if c["classes"] else np.ones(len(test.labels), bool)
+        spec = shared.final(k).spec
+        refs[k] = train_reference_decoder(spec, to_tensor(test.images[mask]), recipe, seeded_generator(seed, 71, k))
+        tick(f"reference {k}")
+    return refs
+
+
+def _membership(shared: SharedRun, clients, images, a, references, seed, evidence, tick) -> dict:
+    per_attack: dict[str, dict] = {}
+    pooled: dict[str, list] = {}
+    labels_all, clients_all, ids_all = [], [], []
+    for c in clients:
+        k = c["client"]
+        game = membership_game(c, a.members_per_client, seed)
+        if not len(game.member_ids):
+            continue
+        target = shared.final(k)
+        records = images[game.ids]
+        for name, make in _attacks(a, references is not None).items():
+            attack = make(references[k] if references else None)
+            scores = attack.fit(target.decoder, target.latent_dim, seeded_generator(seed, 72, k)).score(records)
+            pooled.setdefault(name, []).append(scores)
+            per_attack.setdefault(name, {"clients": {}})["clients"][str(k)] = membership_metrics(
+                scores, game.labels, a.bootstrap, seed)
+        labels_all.append(game.labels)
+        clients_all.append(np.full(len(game.ids), k))
+        ids_all.append(game.ids)
+        tick(f"membership {k}")
+    if not labels_all:
+        raise DataError("no client has both training records and a held-out pool: no membership game to play")
+    labels = np.concatenate(labels_all)
+    evidence.update(labels=labels, client=np.concatenate(clients_all), record_id=np.concatenate(ids_all))
+    for name, chunks in pooled.items():
+        scores = np.concatenate(chunks)
+        evidence[f"{name}__scores"] = scores
+        per_attack[name].update(membership_metrics(scores, labels, a.bootstrap, seed))
+        per_attack[name]["roc"] = {k: v.tolist() for k, v in roc_arrays(scores, labels).items()
+                                   if k != "thresholds"}
+    return per_attack
+
+
+def _empirical_epsilon(evidence: dict, attacks: list[str], delta: float, alpha: float, seed: int) -> dict:
+    """Clopper-Pearson lower bound per attack on the pooled game; each at alpha / (number of attacks), so
+    the headline (the max) holds with probability >= 1 - alpha."""
+    labels = evidence["labels"]
+    level = alpha / len(attacks)
+    per = {}
+    for name in attacks:
+        s = evidence[f"{name}__scores"]
+        per[name] = clopper_pearson_epsilon(s[labels], s[~labels], delta, alpha=level, seed=seed)
+    best = max(per, key=lambda n: per[n]["epsilon_lb"])
+    return {"headline": per[best]["epsilon_lb"], "attack": best, "delta": delta, "alpha": alpha,
+            "per_attack_alpha": level, "per_attack": per,
+            "method": "Clopper-Pearson (Jagielski et al. 2020) on a held-out half, Bonferroni over attacks",
+            "validity": "treats each candidate as an independent trial; members and non-members come from one "
+                        "training run, so this is an estimate, not a proof. The canary audit (canaries.epsilon_lb, "
+                        "with partition.canaries.count > 0) is the one-run bound with a proof."}
+
+
+def _outliers(shared, part, images, test, out_train, out_test, a, seed, run) -> dict:
+    o = part["outliers"]
+    k = o["client"]
+    target = shared.final(k)
+    client = next(c for c in part["clients"] if c["client"] == k)
+    rng = np.random.default_rng([seed, 0x0171])
+    inlier_ids = rng.choice(client["train_ids"], min(a.inliers, len(client["train_ids"])), replace=False)
+    groups = {"outliers": to_tensor(out_train.images[o["ids"]]),
+              "controls": to_tensor(out_train.images[o["control_ids"]]) if o.get("control_ids") else torch.zeros(0),
+              "inliers": images[np.sort(inlier_ids)]}
+    typical = to_tensor(test.images)
+    classifier = domain_classifier(typical, to_tensor(out_test.images), seed)
+    fit_options = dict(lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=a.latent_fit_restarts,
+                       steps=a.latent_fit_steps)
+    summary, recons = reconstruct_groups(target.decoder, target.latent_dim, groups, typical, classifier,
+                                         seeded_generator(seed, 73, k), threshold=a.reconstruction_threshold,
+                                         fit_options=fit_options)
+    from federation.metrics.figures import sample_grid
+
+    figures = {}
+    for name in ("outliers", "controls"):
+        if name in recons:
+            pair = torch.stack([groups[name][:32].flatten(1), recons[name][:32]], 1).reshape(-1, 1, 28, 28)
+            path = sample_grid(pair, run.file("audit", "figures", f"{name}_reconstructions.png"), nrow=8)
+            figures[name] = str(path.relative_to(run.path))
+    comparison = summary.get("comparison", {})
+    return {"client": k, "reconstruction_rate": summary["outliers"]["reconstruction_rate"],
+            "control_rate": comparison.get("control_rate"), "claim_holds": comparison.get("claim_holds"),
+            "groups": summary, "figures": figures,
+            "figure_layout": "pairs: original, reconstruction (left to right, row by row)"}
+
+
+def _lipschitz(shared: SharedRun, clients, images, a, seed) -> dict:
+    out = {}
+    for c in clients:
+        k = c["client"]
+        member_ids = membership_game(c, min(64, a.members_per_client), seed).member_ids
+        per_round = {}
+        for rnd, d in sorted(shared.decoders[k].items()):
+            latents = None
+            if len(member_ids):
+                latents = fit_latents(d.decoder, images[member_ids], d.latent_dim, seeded_generator(seed, 74, k, rnd),
+                                      lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=1,
+                                      steps=a.latent_fit_steps).latents
+            per_round[str(rnd)] = lipschitz_bracket(d.decoder, d.latent_dim, candidate_latents=latents,
+                                                    n_prior=a.lipschitz_prior_points,
+                                                    ascent_steps=a.lipschitz_ascent_steps, seed=seed)
+        final = per_round[str(max(shared.decoders[k]))]
+        out[str(k)] = {"lower": final["lower"], "upper": final["upper"],
+                       "reference_grad_sum_max": final["reference_grad_sum_max"], "rounds": per_round}
+    return out
+
+
+def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence) -> dict | None:
+    c = part.get("canaries") or {}
+    if not c.get("ids"):
+        return None
+    k = c["client"]
+    target = shared.final(k)
+    included = np.asarray(c["included"], bool)
+    attack = LatentFitAttack(a.latent_fit_lambda, a.latent_fit_init, a.latent_fit_restarts, a.latent_fit_steps)
+    scores = attack.fit(target.decoder, target.latent_dim, seeded_generator(seed, 75, k)).score(
+        to_tensor(out_train.images[np.asarray(c["ids"])]))
+    evidence.update(canary_scores=scores, canary_included=included)
+    m = len(scores)
+    guesses = max(1, int(a.canary_guesses * m))
+    result = one_run_epsilon(scores, included, guesses, guesses, delta, beta=a.alpha)
+    return {"client": k, "attack": attack.name, **result}
+
+
+def _accountant(run: RunDir) -> dict:
+    """The formal claim next to the empirical one: epsilon only where a real guarantee exists."""
+    from alignfl_audit.accounting import ledger_epsilons
+
+    if not run.file("privacy_ledger.json").is_file():
+        return {"formal_guarantee": False, "epsilon": None, "note": "no privacy ledger in the run"}
+    block = ledger_epsilons(run.read_json("privacy_ledger.json"))
+    if not block["formal_guarantee"]:
+        return {"formal_guarantee": False, "epsilon": None, "mechanism": block["mechanism"], "note": block["note"]}
+    per_client = {cid: r["headline"]["epsilon"] for cid, r in block["clients"].items()}
+    return {"formal_guarantee": True, "mechanism": block["mechanism"], "delta": block["delta"],
+            "epsilon": max(per_client.values()) if per_client else None, "per_client": per_client,
+            "note": block["note"]}

@@ -1,0 +1,114 @@
+"""``alignfl-audit audit RUN_DIR`` on tiny finished runs: the audit.json contract, determinism, that it
+needs nothing beyond the shared artifacts and the partition record, the canary switch, and that a
+DP run's empirical bound stays under its accountant epsilon."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from alignfl_audit.cli import main
+from conftest import tiny_config
+from alignfl_audit.config import from_dict
+from alignfl_audit.orchestrate import run_experiment
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+AUDIT = {"members_per_client": 30, "latent_fit_steps": 15, "latent_fit_init": 256, "latent_fit_restarts": 2,
+         "generated_samples": 500, "bootstrap": 20, "inliers": 20, "lipschitz_prior_points": 32,
+         "lipschitz_ascent_steps": 3, "reference_epochs": 2}
+
+
+def _run(tmp_path_factory, name: str, **overrides):
+    cfg = from_dict(tiny_config(name=name, audit=AUDIT, **overrides))
+    return run_experiment(cfg, out=tmp_path_factory.mktemp(name) / "run", quiet=True).path
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    run = _run(tmp_path_factory, "audited", training={"rounds": 2},
+               partition={"outliers": {"count": 10, "client": 0, "holdout": 10},
+                          "canaries": {"count": 20, "client": 1}})
+    assert main(["audit", str(run), "--quiet"]) == 0
+    return run, json.loads((run / "audit.json").read_text())
+
+
+def test_audit_json_has_the_contracted_fields(audited):
+    run, audit = audited
+    attacks = {"white_box_latent_fit", "monte_carlo", "nearest_generated_sample",
+               "white_box_latent_fit_calibrated", "monte_carlo_calibrated"}
+    assert set(audit["mia"]) == attacks
+    for name, m in audit["mia"].items():
+        assert 0 <= m["auc"] <= 1 and 0 <= m["tpr_at_1pct_fpr"] <= 1
+        assert m["auc_ci"][0] <= m["auc_ci"][1]
+        assert set(m["clients"]) == {"0", "1", "2"}
+        assert m["n_members"] == m["n_nonmembers"]
+    assert 0 <= audit["outliers"]["reconstruction_rate"] <= 1
+    assert 0 <= audit["outliers"]["control_rate"] <= 1
+    assert audit["outliers"]["groups"]["outliers"]["n"] == 10
+    for cid in ("0", "1", "2"):
+        bracket = audit["lipschitz"][cid]
+        assert 0 < bracket["lower"] <= bracket["upper"]
+        assert set(bracket["rounds"]) == {"0", "1"}
+    assert audit["empirical_epsilon"] >= 0
+    assert audit["canaries"]["m"] == 20 and audit["canaries"]["client"] == 1
+    assert audit["accountant"]["formal_guarantee"] is False and audit["accountant"]["epsilon"] is None
+    evidence = np.load(run / "audit" / "scores.npz", allow_pickle=False)
+    assert len(evidence["labels"]) == len(evidence["white_box_latent_fit__scores"])
+    assert (run / audit["outliers"]["figures"]["outliers"]).is_file()
+
+
+def test_canaries_are_recorded_and_only_included_ones_are_trained_on(audited):
+    run, _ = audited
+    part = json.loads((run / "partition.json").read_text())
+    c = part["canaries"]
+    included = np.asarray(c["ids"])[np.asarray(c["included"], bool)]
+    assert len(c["ids"]) == 20 and 0 < len(included) < 20
+    client1 = part["clients"][1]
+    assert client1["n_train"] == len(client1["train_ids"]) + len(included)
+    assert not set(c["ids"]) & set(part["outliers"]["ids"]) and not set(c["ids"]) & set(part["outliers"]["control_ids"])
+
+
+def test_audit_is_deterministic_and_needs_only_shared_artifacts_and_the_partition(audited, tmp_path):
+    run, first = audited
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copytree(run / "shared", bare / "shared")
+    for name in ("partition.json", "config.resolved.yaml"):  # the recipe and the ground truth, nothing else
+        shutil.copy(run / name, bare / name)
+    assert main(["audit", str(bare), "--quiet"]) == 0
+    second = json.loads((bare / "audit.json").read_text())
+    for key in ("mia", "outliers", "lipschitz", "empirical_epsilon", "canaries"):
+        a, b = json.dumps(first[key], sort_keys=True), json.dumps(second[key], sort_keys=True)
+        assert a.replace(str(run), "RUN") == b.replace(str(bare), "RUN"), key
+
+
+def test_dp_run_empirical_epsilon_stays_below_the_accountant(tmp_path_factory):
+    run = _run(tmp_path_factory, "dp", privacy={"mechanism": "dp-sgd", "target_epsilon": 1.0,
+                                                             "delta": 1e-5, "clipping": "fixed"})
+    assert main(["audit", str(run), "--quiet", "--set", "audit.reference_models=false"]) == 0
+    audit = json.loads((run / "audit.json").read_text())
+    acc = audit["accountant"]
+    assert acc["formal_guarantee"] is True and 0 < acc["epsilon"] <= 1.0
+    assert audit["empirical_epsilon"] <= acc["epsilon"]
+    assert set(audit["mia"]) == {"white_box_latent_fit", "monte_carlo", "nearest_generated_sample"}
+
+
+def test_audit_errors_are_one_line(tmp_path, capsys, audited):
+    assert main(["audit", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert main(["audit", str(audited[0]), "--quiet", "--set", "training.rounds=3"]) == 2
+    assert main(["audit", str(audited[0]), "--quiet", "--set", "audit.alpha=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("alignfl-audit: error: ") for line in err)
+    assert "no run directory" in err[0] and "audit.*" in err[1] and "audit.alpha" in err[2]
+
+
+def test_audit_refuses_data_that_differs_from_the_run(audited, full_data_root, capsys):
+    run, _ = audited
+    before = (run / "audit.json").read_bytes()
+    assert main(["audit", str(run), "--quiet", "--data-root", str(full_data_root)]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the file the run used" in err and err.count("\n") == 1
+    assert (run / "audit.json").read_bytes() == before  # a failed audit loses nothing

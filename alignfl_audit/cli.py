@@ -33,13 +33,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides["seed"] = args.seed
     cfg = load_config(args.config, overrides)
-    from alignfl_audit.orchestrate import run_experiment  # the training stack loads only for a valid config
-    run = run_experiment(cfg, data_root=args.data_root, out=args.out, quiet=args.quiet)
+    if args.no_audit:
+        cfg.audit.enabled = False
+    if args.no_report:
+        cfg.report = False
+    from alignfl_audit.orchestrate import run_pipeline  # the training stack loads only for a valid config
+    run = run_pipeline(cfg, data_root=args.data_root, out=args.out, quiet=args.quiet)
     metrics = run.read_json("metrics.json")
     u = metrics["utility"]
     tstr = "n/a" if u["tstr_accuracy"] is None else f"{u['tstr_accuracy']:.4f}"
     print(f"{run.path}: {metrics['strategy']} probe_accuracy={u['probe_accuracy']:.4f} "
           f"probe_f1={u['probe_f1']:.4f} fid={u['fid']:.2f} (domain-CNN) tstr_accuracy={tstr}")
+    if cfg.audit.enabled:
+        _print_audit(run.file("audit.json"))
+    if cfg.report:
+        print(f"report: {run.file('report.html')}")
     return 0
 
 
@@ -124,6 +132,11 @@ def _audit(args: argparse.Namespace) -> int:
     from alignfl_audit.audit import run_audit  # the attack stack loads only when asked for
 
     path = run_audit(args.run_dir, data_root=args.data_root, overrides=overrides, seed=args.seed, quiet=args.quiet)
+    _print_audit(path)
+    return 0
+
+
+def _print_audit(path) -> None:
     import json
 
     audit = json.loads(path.read_text())
@@ -135,6 +148,29 @@ def _audit(args: argparse.Namespace) -> int:
     formal = f"accountant epsilon={acc['epsilon']:.3f}" if acc["formal_guarantee"] else "no formal guarantee"
     print(f"{path}: best AUC {best[1]['auc']:.3f} ({best[0]}), empirical epsilon_lb="
           f"{audit['empirical_epsilon']:.3f} ({formal}){outl}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from reports.render import render_report
+
+    out = args.output or (Path(args.run_dirs[0]) / "report.html" if len(args.run_dirs) == 1 else Path("report.html"))
+    path = render_report(args.run_dirs, out, title=args.title)
+    print(f"{path} (with {path.with_suffix('.metrics.csv').name} and {path.with_suffix('.metrics.json').name})")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from alignfl_audit.sweep import run_sweep
+
+    result = run_sweep(args.sweep, data_root=args.data_root, quiet=args.quiet)
+    if result.report:
+        print(f"report: {result.report}")
+    if result.failed:
+        print(f"{len(result.failed)} run(s) failed: {', '.join(result.failed)} (see sweep-status.yaml)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -167,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  alignfl-audit run configs/paper-mnist.yaml --data-root DIR [--out DIR] [--seed N] [--quiet]\n"
                "  alignfl-audit epsilon --sampling-rate 0.01 --noise-multiplier 1.0 --steps 1000 --delta 1e-5\n"
                "  alignfl-audit epsilon --ledger RUN_DIR\n"
+               "  alignfl-audit report RUN_DIR [RUN_DIR...] -o report.html\n"
+               "  alignfl-audit sweep configs/sweep-dp-vs-lcd.yaml\n"
                "  alignfl-audit audit RUN_DIR                                attack a finished run's shared decoders\n"
                "  alignfl-audit empirical-epsilon --member-scores IN.npy --nonmember-scores OUT.npy --delta 1e-5\n"
                "'alignfl-audit COMMAND --help' describes each command.")
@@ -186,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config value, e.g. --set training.rounds=5 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--no-audit", action="store_true", help="do not audit the run even if the config says audit: true")
+    run.add_argument("--no-report", action="store_true", help="do not write report.html even if the config asks")
     run.set_defaults(func=_run)
 
     eps = sub.add_parser(
@@ -226,6 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--set", action="append", metavar="audit.KEY=VALUE", help="override an audit setting")
     aud.add_argument("--quiet", action="store_true", help="no progress bars")
     aud.set_defaults(func=_audit)
+
+    rep = sub.add_parser(
+        "report", help="one self-contained HTML privacy-utility report for one or more runs",
+        description="Render RUN_DIR... (metrics.json, and audit.json, privacy_ledger.json and figures when "
+                    "present) into one self-contained HTML file: inline CSS, embedded figures, no scripts, nothing "
+                    "fetched. Tidy CSV and JSON exports of every number are written beside it.")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("-o", "--output", metavar="FILE",
+                     help="output HTML (default: RUN_DIR/report.html for one run, ./report.html for several)")
+    rep.add_argument("--title", help="report title")
+    rep.set_defaults(func=_report)
+
+    swp = sub.add_parser(
+        "sweep", help="train and audit a grid of runs, then write one comparison report",
+        description="Run every entry of a sweep file (a base config plus per-run overrides, see "
+                    "configs/sweep-dp-vs-lcd.yaml) for every seed, audit each run, and write one comparison "
+                    "report into the sweep's output folder. Finished runs are skipped on a rerun; a failed run is "
+                    "recorded in sweep-status.yaml and the others carry on.")
+    swp.add_argument("sweep", metavar="SWEEP.yaml")
+    swp.add_argument("--data-root", metavar="DIR")
+    swp.add_argument("--quiet", action="store_true", help="no progress bars")
+    swp.set_defaults(func=_sweep)
 
     emp = sub.add_parser(
         "empirical-epsilon", help="a lower bound on epsilon from membership-attack scores (Clopper-Pearson)",

@@ -61,8 +61,10 @@ class MetricsConfig:
 
 @dataclass
 class AuditConfig:
-    """How ``alignfl-audit audit`` attacks a finished run (see docs/threat-model.md)."""
+    """How ``alignfl-audit audit`` attacks a finished run (see docs/threat-model.md). ``audit: true`` in a
+    config is short for ``audit: {enabled: true}``: ``alignfl-audit run`` then audits the run it trained."""
 
+    enabled: bool = False
     members_per_client: int = 500  # members drawn from a client's training records; as many non-members
     latent_fit_steps: int = 60  # Adam steps refining each latent
     latent_fit_restarts: int = 3  # best prior inits refined per record
@@ -94,6 +96,7 @@ class ExperimentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    report: bool = False  # after the run (and its audit): write report.html into the run directory
 
     # ---------------------------------------------------------------- derived
     @property
@@ -214,6 +217,8 @@ def _coerce(value, hint, path: str):
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
         return _coerce(value, inner, path)
     if dataclasses.is_dataclass(hint):
+        if isinstance(value, bool) and "enabled" in {f.name for f in dataclasses.fields(hint)}:
+            value = {"enabled": value}  # `audit: true` switches a section on with its defaults
         return _build(hint, value, path)
     if hint is bool:
         if not isinstance(value, bool):
@@ -284,6 +289,8 @@ def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentCo
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping, got {type(data).__name__}")
+    if isinstance(data.get("audit"), bool):  # `audit: true` shorthand, so audit.* overrides can apply
+        data["audit"] = {"enabled": data["audit"]}
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

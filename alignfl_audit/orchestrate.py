@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from alignfl_audit.accounting import ledger_epsilons
 from alignfl_audit.config import ExperimentConfig, dump_config
+from alignfl_audit.provenance import provenance
 from alignfl_audit.rundir import RunDir
 from federation.client import Client
 from federation.data.partition import Partition, make_partition
@@ -167,6 +168,8 @@ def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, s
             if cfg.metrics.probe_every_round:
                 record.update(probe(strategy.global_vae, test_x, test_y, cfg.seed, cfg.metrics.probe_max_iter))
             rows.append(record)
+            run.log(f"round {rnd}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in record.items() if k != "round"))
             run.write_csv("rounds.csv", rows)
             run.write_json("privacy_ledger.json", ledger.to_json())
     train_seconds = time.perf_counter() - started
@@ -193,9 +196,29 @@ def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, s
         "timing_seconds": {"train": round(train_seconds, 2),
                            "total": round(time.perf_counter() - started, 2)},
         "torch_threads": torch.get_num_threads(),
+        "provenance": provenance(),
     }
     run.write_json("metrics.json", metrics)
     run.set_status("complete")
+
+
+def run_pipeline(cfg: ExperimentConfig, data_root: str | Path | None = None, out: str | Path | None = None,
+                 quiet: bool = False) -> RunDir:
+    """Train; then, as the config asks, audit the run (``audit: true``) and write report.html
+    (``report: true``). A failing audit or report leaves the finished run as it is."""
+    run = run_experiment(cfg, data_root, out, quiet)
+    if cfg.audit.enabled:
+        from alignfl_audit.audit import run_audit
+
+        run.log("audit started")
+        run_audit(run.path, data_root=data_root, quiet=quiet)
+        run.log("audit written: audit.json")
+    if cfg.report:
+        from reports.render import render_report
+
+        render_report([run.path], run.file("report.html"))
+        run.log("report written: report.html")
+    return run
 
 
 def privacy_block(ledger: PrivacyLedger, shared: list[str]) -> dict:

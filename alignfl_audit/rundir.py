@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -43,7 +44,8 @@ class RunDir:
                 from federation.errors import ConfigError
                 raise ConfigError(f"output directory {path} already exists and is not empty; choose another --out")
         else:
-            stem = Path(base) / f"{name}-seed{seed}"
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "run"  # a name is not a path
+            stem = Path(base) / f"{safe}-seed{seed}"
             path, n = stem, 1
             while path.exists():
                 n += 1
@@ -75,8 +77,14 @@ class RunDir:
     def shared_round(self, rnd: int) -> Path:
         return self.file("shared", f"round-{rnd}")
 
+    def log(self, message: str) -> None:
+        """Append a timestamped line to the run's log file (run.log)."""
+        with open(self.file("run.log"), "a", encoding="utf-8") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {message}\n")
+
     def set_status(self, state: str, **info) -> None:
         self.write_json("status.json", {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
+        self.log(f"status {state}" + "".join(f" {k}={v}" for k, v in info.items()))
 
     def is_complete(self) -> bool:
         try:

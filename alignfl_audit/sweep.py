@@ -1,0 +1,154 @@
+"""``alignfl-audit sweep SWEEP.yaml``: a grid of runs from one base config, each trained and audited,
+then one comparison report.
+
+    name: sweep-dp-vs-lcd
+    base: quickstart.yaml            # relative to the sweep file
+    out: runs/sweep-dp-vs-lcd        # relative to the working directory
+    seeds: [0]
+    set: {training.rounds: 4}        # applied to every run
+    runs:
+      - {label: no-dp}
+      - {label: dp-eps1, set: {privacy.mechanism: dp-sgd, privacy.target_epsilon: 1}}
+
+Resumable: a run whose directory is complete and audited is skipped; an unfinished one is moved aside
+(``<label>.incomplete-N``) and redone. A failing run is recorded and the others carry on; the
+report covers every run that finished, and the command exits nonzero if any failed.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from alignfl_audit.config import load_config
+from alignfl_audit.rundir import RunDir, atomic_write
+from federation.errors import ConfigError, FederationError
+
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class SweepPlan:
+    name: str
+    base: Path
+    out: Path
+    seeds: list[int]
+    common: dict
+    runs: list[tuple[str, dict]]  # (label, overrides)
+
+
+@dataclass
+class SweepResult:
+    report: Path | None
+    finished: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _mapping(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{what} must be a mapping of dotted keys to values")
+    return value
+
+
+def load_sweep(path: str | Path) -> SweepPlan:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read sweep file {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"malformed YAML in sweep file {path}: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a sweep file must be a YAML mapping")
+    unknown = set(data) - {"name", "base", "out", "seeds", "set", "runs"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; allowed: base, name, out, runs, seeds, set")
+    if not isinstance(data.get("base"), str):
+        raise ConfigError(f"{path}: 'base' must name the base config file")
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not _LABEL.match(name):
+        raise ConfigError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-'")
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                            for s in seeds):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of integers")
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise ConfigError(f"{path}: 'runs' must be a non-empty list of {{label, set}} entries")
+    plan_runs, seen = [], set()
+    for i, entry in enumerate(runs):
+        if not isinstance(entry, dict) or not isinstance(entry.get("label"), str) or not _LABEL.match(entry["label"]):
+            raise ConfigError(f"{path}: runs[{i}] needs a label of letters, digits, '.', '_' or '-'")
+        if set(entry) - {"label", "set"}:
+            raise ConfigError(f"{path}: runs[{i}] has unknown keys {sorted(set(entry) - {'label', 'set'})}")
+        if entry["label"] in seen:
+            raise ConfigError(f"{path}: label {entry['label']!r} appears twice")
+        seen.add(entry["label"])
+        plan_runs.append((entry["label"], _mapping(entry.get("set"), f"runs[{i}].set")))
+    out = Path(data.get("out", f"runs/{name}"))
+    return SweepPlan(name, (path.parent / data["base"]), out, seeds, _mapping(data.get("set"), "set"), plan_runs)
+
+
+def _configs(plan: SweepPlan) -> list[tuple[str, object]]:
+    """Every run's validated config, before anything runs: a bad entry fails the sweep up front."""
+    out = []
+    for label, overrides in plan.runs:
+        for seed in plan.seeds:
+            tag = f"{label}-seed{seed}"
+            try:
+                cfg = load_config(plan.base, {**plan.common, **overrides, "seed": seed, "audit.enabled": True,
+                                              "report": False})
+            except ConfigError as err:
+                raise ConfigError(f"sweep run {tag}: {err}") from None
+            out.append((tag, cfg))
+    return out
+
+
+def _finished(path: Path) -> bool:
+    return RunDir(path).is_complete() and (path / "audit.json").is_file()
+
+
+def _move_aside(path: Path) -> None:
+    n = 1
+    while path.with_name(f"{path.name}.incomplete-{n}").exists():
+        n += 1
+    path.rename(path.with_name(f"{path.name}.incomplete-{n}"))
+
+
+def run_sweep(path: str | Path, data_root=None, quiet: bool = False, echo=print) -> SweepResult:
+    from alignfl_audit.orchestrate import run_pipeline
+    from reports.render import render_report
+
+    plan = load_sweep(path)
+    configs = _configs(plan)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    result = SweepResult(None)
+    for tag, cfg in configs:
+        run_path = plan.out / tag
+        if _finished(run_path):
+            result.skipped.append(tag)
+            result.finished.append(run_path)
+            echo(f"{tag}: finished before, skipped")
+            continue
+        if run_path.exists():
+            _move_aside(run_path)
+        try:
+            run_pipeline(cfg, data_root=data_root, out=run_path, quiet=quiet)
+            result.finished.append(run_path)
+            echo(f"{tag}: trained and audited")
+        except Exception as err:  # noqa: BLE001 - one failed run must not lose the others; it is recorded
+            reason = str(err) if isinstance(err, FederationError) else f"{type(err).__name__}: {err}"
+            result.failed[tag] = reason
+            err = reason
+            echo(f"{tag}: FAILED: {err}")
+    status = {"sweep": plan.name, "finished": [p.name for p in result.finished], "failed": result.failed,
+              "skipped": result.skipped}
+    atomic_write(plan.out / "sweep-status.yaml", yaml.safe_dump(status, sort_keys=False))
+    if result.finished:
+        result.report = render_report(result.finished, plan.out / "report.html", title=f"Sweep {plan.name}")
+    return result

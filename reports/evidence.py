@@ -1,0 +1,63 @@
+"""Read what a run directory holds, for rendering: metrics.json, audit.json, privacy_ledger.json,
+rounds.csv, the resolved config and the PNG figures. Nothing here computes a metric; absent files are
+``None`` so that a report can explain a missing section instead of failing."""
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from federation.errors import DataError
+
+
+@dataclass
+class RunEvidence:
+    path: Path
+    metrics: dict
+    audit: dict | None
+    ledger: dict | None
+    rounds: pd.DataFrame | None
+    config_text: str | None
+    status: dict | None
+    images: dict[str, str] = field(default_factory=dict)  # name -> data URI
+
+    @property
+    def label(self) -> str:
+        return f"{self.metrics.get('name', self.path.name)} ({self.path.name})"
+
+
+def _json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {path}: {err}") from None
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def load_run(path: str | Path) -> RunEvidence:
+    path = Path(path)
+    metrics = _json(path / "metrics.json")
+    if metrics is None:
+        state = (_json(path / "status.json") or {}).get("state", "no status")
+        raise DataError(f"{path} is not a finished run (no metrics.json; status: {state})")
+    rounds = None
+    if (path / "rounds.csv").is_file():
+        try:
+            rounds = pd.read_csv(path / "rounds.csv")
+        except (OSError, ValueError, pd.errors.ParserError) as err:
+            raise DataError(f"cannot read {path / 'rounds.csv'}: {err}") from None
+    images = {}
+    for folder in (path / "figures", path / "audit" / "figures"):
+        for png in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+            images[png.stem] = data_uri(png)
+    config = path / "config.resolved.yaml"
+    return RunEvidence(path, metrics, _json(path / "audit.json"), _json(path / "privacy_ledger.json"), rounds,
+                       config.read_text() if config.is_file() else None, _json(path / "status.json"), images)

@@ -1,0 +1,100 @@
+"""Matplotlib figures for the report, returned as PNG data URIs (the report embeds them)."""
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from reports.evidence import RunEvidence  # noqa: E402
+from reports.summary import best_attack, headline_epsilon  # noqa: E402
+
+
+def _uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def frontier(runs: list[RunEvidence]) -> str:
+    """Probe accuracy against accountant epsilon (formal guarantees only) and against the best MIA AUC."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    unplaced = []
+    for i, run in enumerate(runs):
+        acc = run.metrics["utility"]["probe_accuracy"]
+        color = f"C{i % 10}"
+        eps = headline_epsilon(run.metrics.get("privacy", {}))
+        if eps is not None:
+            left.scatter([eps], [acc], color=color, label=run.label)
+        else:
+            unplaced.append(run.label)
+        best = best_attack(run.audit)
+        if best:
+            right.errorbar([best["auc"]], [acc], xerr=[[best["auc"] - best["auc_ci"][0]],
+                                                       [best["auc_ci"][1] - best["auc"]]],
+                           fmt="o", color=color, label=run.label)
+    left.set_xscale("log")
+    left.set_xlabel("accountant epsilon (log scale)")
+    left.set_ylabel("probe accuracy")
+    left.set_title("utility vs formal privacy")
+    if unplaced:
+        left.text(0.02, 0.02, "no formal guarantee, not placed:\n" + "\n".join(unplaced), transform=left.transAxes,
+                  fontsize=7, va="bottom")
+    if left.collections:
+        left.legend(fontsize=7)
+    right.axvline(0.5, color="grey", lw=0.8, ls="--")
+    right.set_xlabel("best membership-inference AUC (95% CI)")
+    right.set_ylabel("probe accuracy")
+    right.set_title("utility vs measured leakage")
+    if right.lines or right.containers:
+        right.legend(fontsize=7)
+    return _uri(fig)
+
+
+def roc(run: RunEvidence) -> str | None:
+    if not run.audit:
+        return None
+    fig, (lin, log) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, m in run.audit["mia"].items():
+        fpr, tpr = np.asarray(m["roc"]["fpr"]), np.asarray(m["roc"]["tpr"])
+        for ax in (lin, log):
+            ax.plot(fpr, tpr, label=f"{name} (AUC {m['auc']:.3f})", lw=1.2)
+    floor = 1.0 / max(m["n_nonmembers"] for m in run.audit["mia"].values())
+    for ax in (lin, log):
+        ax.plot([floor, 1], [floor, 1], color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("false positive rate (non-members)")
+        ax.set_ylabel("true positive rate (members)")
+    log.set_xscale("log")
+    log.set_yscale("log")
+    log.set_xlim(floor, 1)
+    log.set_ylim(floor, 1)
+    lin.set_title("ROC")
+    log.set_title("ROC, log-log (low-FPR regime)")
+    lin.legend(fontsize=7)
+    return _uri(fig)
+
+
+def rounds(run: RunEvidence) -> str | None:
+    df = run.rounds
+    if df is None or df.empty:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for col in [c for c in df.columns if c.endswith("_loss")]:
+        left.plot(df["round"], df[col], marker=".", label=col.replace("_loss", ""))
+    left.set_xlabel("round")
+    left.set_ylabel("last-epoch training loss")
+    left.legend(fontsize=7)
+    if "probe_accuracy" in df:
+        right.plot(df["round"], df["probe_accuracy"], marker="o", label="probe accuracy")
+        if "probe_f1" in df:
+            right.plot(df["round"], df["probe_f1"], marker="s", label="probe F1")
+        right.legend(fontsize=7)
+    right.set_xlabel("round")
+    right.set_title("global model per round")
+    return _uri(fig)

@@ -1,0 +1,46 @@
+"""Pick the numbers a report shows from the JSON files beside it (no metric is computed here)."""
+from __future__ import annotations
+
+from reports.evidence import RunEvidence
+
+
+def headline_epsilon(privacy: dict) -> float | None:
+    """The largest per-client accountant epsilon, only for a formal guarantee."""
+    if not privacy.get("formal_guarantee"):
+        return None
+    values = [c["headline"]["epsilon"] for c in privacy.get("clients", {}).values()]
+    return max(values) if values else None
+
+
+def best_attack(audit: dict | None) -> dict | None:
+    if not audit or not audit.get("mia"):
+        return None
+    name, m = max(audit["mia"].items(), key=lambda kv: kv[1]["auc"])
+    return {"name": name, **{k: m[k] for k in ("auc", "auc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci")}}
+
+
+def verdict_row(run: RunEvidence) -> dict:
+    privacy = run.metrics.get("privacy", {})
+    formal = bool(privacy.get("formal_guarantee"))
+    clients = privacy.get("clients", {}) if formal else {}
+    per_client = sorted(((cid, c["headline"]["epsilon"]) for cid, c in clients.items()), key=lambda kv: -kv[1])
+    audit = run.audit
+    outliers = (audit or {}).get("outliers") or None
+    lipschitz = (audit or {}).get("lipschitz") or {}
+    return {
+        "label": run.label,
+        "mechanism": privacy.get("mechanism", "none"),
+        "formal": formal,
+        "guarantee_note": privacy.get("note") or privacy.get("epsilon_withheld") or "",
+        "delta": privacy.get("delta") if formal else None,
+        "epsilon_per_client": per_client,  # headline (largest) first
+        "extra_artifacts": privacy.get("extra_artifacts", {}),
+        "audited": audit is not None,
+        "empirical_epsilon": audit.get("empirical_epsilon") if audit else None,
+        "canary_epsilon": (audit.get("canaries") or {}).get("epsilon_lb") if audit else None,
+        "best_attack": best_attack(audit),
+        "outliers": outliers,
+        "lipschitz": sorted((cid, b["lower"], b["upper"]) for cid, b in lipschitz.items()),
+        "utility": run.metrics.get("utility", {}),
+        "notes": run.metrics.get("notes", {}),
+    }

@@ -1,0 +1,138 @@
+"""Reports: one command from config to a self-contained report.html; escaping; missing sections;
+exports; sweeps; and a real headless-Chromium check of the rendered page."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from _chromium import chromium_binary, inspect_page
+from alignfl_audit.cli import main
+from alignfl_audit.config import from_dict
+from alignfl_audit.orchestrate import run_experiment, run_pipeline
+from conftest import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+AUDIT = {"enabled": True, "members_per_client": 20, "latent_fit_steps": 10, "latent_fit_init": 128,
+         "latent_fit_restarts": 1, "generated_samples": 300, "bootstrap": 20, "inliers": 10,
+         "lipschitz_prior_points": 16, "lipschitz_ascent_steps": 2, "reference_epochs": 1}
+HOSTILE = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    """The one-call path: train, audit and report, with a hostile run name and figures on."""
+    cfg = from_dict(tiny_config(name=HOSTILE, audit=AUDIT, report=True,
+                                metrics={"figures": True},
+                                partition={"outliers": {"count": 8, "client": 0, "holdout": 8}}))
+    return run_pipeline(cfg, out=tmp_path_factory.mktemp("pipeline") / "run", quiet=True).path
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    cfg = from_dict(tiny_config(name="dp-run", privacy={"mechanism": "dp-sgd", "target_epsilon": 4.0,
+                                                        "delta": 1e-5, "clipping": "fixed"}))
+    return run_experiment(cfg, out=tmp_path_factory.mktemp("dp") / "run", quiet=True).path
+
+
+def test_one_call_writes_run_audit_report_and_exports(pipeline_run):
+    for name in ("metrics.json", "audit.json", "report.html", "report.metrics.csv", "report.metrics.json",
+                 "run.log"):
+        assert (pipeline_run / name).is_file(), name
+    log = (pipeline_run / "run.log").read_text()
+    assert "round 0:" in log and "audit written" in log and "report written" in log
+    df = pd.read_csv(pipeline_run / "report.metrics.csv")
+    assert list(df.columns) == ["run", "run_dir", "section", "metric", "client", "value"]
+    metrics = json.loads((pipeline_run / "metrics.json").read_text())
+    probe = df[(df.section == "utility") & (df.metric == "probe_accuracy")]["value"]
+    assert float(probe.iloc[0]) == pytest.approx(metrics["utility"]["probe_accuracy"])
+    audit = json.loads((pipeline_run / "audit.json").read_text())
+    auc = df[(df.section == "mia") & (df.metric == "white_box_latent_fit.auc")]["value"]
+    assert float(auc.iloc[0]) == pytest.approx(audit["mia"]["white_box_latent_fit"]["auc"])
+    assert json.loads((pipeline_run / "report.metrics.json").read_text())[0]["run"].startswith(HOSTILE)
+
+
+def test_report_is_self_contained_and_escapes_strings(pipeline_run):
+    html = (pipeline_run / "report.html").read_text()
+    assert HOSTILE not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script" not in html.lower()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", html, re.I)
+    assert not re.search(r"@import|url\(", html)
+    srcs = re.findall(r'<img[^>]*src="([^"]+)"', html)
+    assert len(srcs) >= 8 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for section in ("summary-table", "Privacy-utility frontier", "Membership inference", "Outlier reconstruction",
+                    "Lipschitz bracket", "Privacy ledger", "Provenance", "Methods and limitations",
+                    "domain-CNN FID", "no formal DP guarantee"):
+        assert section in html, section
+
+
+def test_missing_sections_are_explained_and_no_epsilon_without_a_guarantee(pipeline_run, dp_run, tmp_path):
+    out = tmp_path / "both.html"
+    assert main(["report", str(pipeline_run), str(dp_run), "-o", str(out)]) == 0
+    html = out.read_text()
+    rows = re.search(r'<tbody>(.*?)</tbody>', html, re.S).group(1).split("<tr>")[1:]
+    assert len(rows) == 2
+    no_dp, dp = rows
+    assert "No formal guarantee, so no &epsilon;" in no_dp and "client 0:" not in no_dp.split("</td>")[3]
+    ledger = json.loads((dp_run / "metrics.json").read_text())["privacy"]
+    eps = max(c["headline"]["epsilon"] for c in ledger["clients"].values())
+    assert f"{eps:.3f}" in dp and "Not audited" in dp  # the DP run was not audited: said so, no crash
+    assert "No DP events were recorded" in html  # the no-DP run's ledger section
+    assert "This run has no audit.json" in html
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a finished run" in err[0]
+
+
+def test_sweep_records_a_failure_keeps_the_others_and_resumes(tmp_path, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tiny_config(audit=AUDIT)))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "mini", "base": "base.yaml", "out": str(tmp_path / "out"), "seeds": [0],
+        "runs": [{"label": "ok"},
+                 {"label": "broken", "set": {"data.root": str(tmp_path / "no-such-data")}}]}))
+    assert main(["sweep", str(sweep), "--quiet"]) == 1
+    out = tmp_path / "out"
+    status = yaml.safe_load((out / "sweep-status.yaml").read_text())
+    assert status["finished"] == ["ok-seed0"] and list(status["failed"]) == ["broken-seed0"]
+    assert "no mnist files" in status["failed"]["broken-seed0"]
+    assert (out / "report.html").is_file() and (out / "ok-seed0" / "audit.json").is_file()
+    first = (out / "ok-seed0" / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert main(["sweep", str(sweep), "--quiet"]) == 1  # resumed: the finished run is not redone
+    assert "ok-seed0: finished before, skipped" in capsys.readouterr().out
+    assert (out / "ok-seed0" / "metrics.json").read_bytes() == first
+
+
+def test_sweep_file_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbase: nothing.yaml\nruns: [{label: a}]\n")
+    assert main(["sweep", str(bad)]) == 2
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("base: x.yaml\nruns: [{label: a}, {label: a}]\n")
+    assert main(["sweep", str(dup)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "cannot read config" in err[0] and "appears twice" in err[1]
+
+
+def test_report_in_headless_chromium(pipeline_run, tmp_path):
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("Chromium is not installed (CI installs Debian's chromium package)")
+    shot = pipeline_run / "report-screenshot.png"
+    result = inspect_page(binary, (pipeline_run / "report.html").resolve().as_uri(), tmp_path / "profile", shot)
+    assert result["console_errors"] == []
+    assert result["summary"] and result["rows"] == 1 and result["scripts"] == 0
+    assert result["images"] and all(complete and width > 0 for _, complete, width in result["images"]), \
+        result["images"]
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert HOSTILE in result["title"]  # shown as text, never executed

@@ -44,7 +44,8 @@ def load_data(cfg: ExperimentConfig, data_root: str | Path | None = None) -> Loa
     source = resolve_source(cfg.data.dataset, **args)
     train, test = load_split(source, cfg.data.dataset, "train"), load_split(source, cfg.data.dataset, "test")
     provenance = {cfg.data.dataset: {"source": source.kind, "root": str(source.root),
-                                     "files": {**train.files, **test.files}}}
+                                     "files": {**train.files, **test.files},
+                                     "checksums": {**train.checksums, **test.checksums}}}
     outlier_train = None
     o = cfg.partition.outliers
     if o.count + o.holdout + cfg.partition.canaries.count > 0:
@@ -54,7 +55,7 @@ def load_data(cfg: ExperimentConfig, data_root: str | Path | None = None) -> Loa
                             f"from the {osource.kind} source; put both under one data root")
         outlier_train = load_split(osource, cfg.outlier_dataset, "train")
         provenance[cfg.outlier_dataset] = {"source": osource.kind, "root": str(osource.root),
-                                           "files": outlier_train.files}
+                                           "files": outlier_train.files, "checksums": outlier_train.checksums}
     return LoadedData(train, test, outlier_train, provenance)
 
 

@@ -270,3 +270,48 @@ def test_rebuilding_embedded_subset_is_byte_identical(full_data_root, tmp_path):
     idx = np.array(manifest["mnist/test"]["source_indices"])
     np.testing.assert_array_equal(emb.images, full.images[idx])
     np.testing.assert_array_equal(emb.labels, full.labels[idx])
+
+
+# ------------------------------------------------------------------------------ known checksums
+def _standard_size_root(tmp_path):
+    """A data root whose MNIST test files have the standard size but not the standard content."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.zeros((10000, 28, 28), np.uint8)
+    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(encode_idx(images), compresslevel=1))
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(encode_idx(np.zeros(10000, np.uint8))))
+    return tmp_path
+
+
+def test_standard_size_file_that_is_not_the_standard_one_is_refused(tmp_path):
+    root = _standard_size_root(tmp_path)
+    with pytest.raises(DataError, match="is not the published 2646ac647ad5339dbf082846283269ea"):
+        load_split(DataSource(root, "data-root"), "mnist", "test")
+
+
+def test_other_sizes_are_read_but_recorded_unverified(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "t10k-images-idx3-ubyte").write_bytes(encode_idx(np.zeros((12, 28, 28), np.uint8)))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(encode_idx(np.zeros(12, np.uint8)))
+    split = load_split(DataSource(tmp_path, "data-root"), "mnist", "test")
+    assert set(split.checksums.values()) == {"unverified (12 rows, not the standard size)"}
+
+
+@pytest.mark.full_data
+def test_full_files_are_verified_on_load(full_data_root):
+    split = load_split(resolve_source("fashion_mnist", full_data_root), "fashion_mnist", "test")
+    assert set(split.checksums.values()) == {"verified"}
+
+
+@pytest.mark.full_data
+def test_a_flipped_byte_in_a_full_file_is_refused(full_data_root, tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    src = full_data_root / "FashionMNIST" / "raw"
+    blob = bytearray(gzip.decompress((src / "t10k-images-idx3-ubyte.gz").read_bytes()))
+    blob[5000] ^= 0x01  # one pixel, one bit: size and IDX header intact
+    (raw / "t10k-images-idx3-ubyte").write_bytes(bytes(blob))
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes((src / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    with pytest.raises(DataError, match="corrupted or not the standard one"):
+        load_split(DataSource(tmp_path, "data-root"), "fashion_mnist", "test")

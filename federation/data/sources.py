@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from federation.data.idx import read_idx
+from federation.data.checksums import verify
+from federation.data.idx import encode_idx, read_idx
 from federation.errors import DataError
 
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
@@ -33,6 +34,7 @@ class Split:
     images: np.ndarray
     labels: np.ndarray
     files: dict = field(default_factory=dict)  # file name -> sha256 of the file as read
+    checksums: dict = field(default_factory=dict)  # file name -> "verified" against the published md5, or why not
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -126,4 +128,7 @@ def load_split(source: DataSource, dataset: str, split: str) -> Split:
                         f"labels {labels.shape}")
     if labels.size and labels.max() > 9:
         raise DataError(f"{dataset} {split} under {source.root}: label {labels.max()} outside 0..9")
-    return Split(dataset, split, images, labels, {p.name: _sha256(p) for p in paths.values()})
+    checks = {paths[part].name: verify(dataset, _STEMS[(split, part)], split, len(labels), encode_idx(array),
+                                       str(paths[part]))
+              for part, array in (("images", images), ("labels", labels.astype(np.uint8)))}
+    return Split(dataset, split, images, labels, {p.name: _sha256(p) for p in paths.values()}, checks)

@@ -29,16 +29,36 @@ def _parse_sets(items: list[str] | None) -> dict:
 def _run(args: argparse.Namespace) -> int:
     from alignfl_audit.config import load_config
 
+    from federation.errors import ConfigError
+
+    if args.resume:
+        if args.config or args.set or args.seed is not None or args.out:
+            raise ConfigError("--resume RUN_DIR continues a run with its own config: give no CONFIG, --set, "
+                              "--seed or --out")
+        from alignfl_audit.orchestrate import after_run, resume_experiment
+
+        cfg, run = resume_experiment(args.resume, data_root=args.data_root, quiet=args.quiet)
+        _apply_run_flags(cfg, args)
+        return _finish(cfg, after_run(cfg, run, args.data_root, args.quiet))
+    if not args.config:
+        raise ConfigError("run needs a CONFIG file (or --resume RUN_DIR)")
     overrides = _parse_sets(args.set)
     if args.seed is not None:
         overrides["seed"] = args.seed
     cfg = load_config(args.config, overrides)
+    _apply_run_flags(cfg, args)
+    from alignfl_audit.orchestrate import run_pipeline  # the training stack loads only for a valid config
+    return _finish(cfg, run_pipeline(cfg, data_root=args.data_root, out=args.out, quiet=args.quiet))
+
+
+def _apply_run_flags(cfg, args) -> None:
     if args.no_audit:
         cfg.audit.enabled = False
     if args.no_report:
         cfg.report = False
-    from alignfl_audit.orchestrate import run_pipeline  # the training stack loads only for a valid config
-    run = run_pipeline(cfg, data_root=args.data_root, out=args.out, quiet=args.quiet)
+
+
+def _finish(cfg, run) -> int:
     metrics = run.read_json("metrics.json")
     u = metrics["utility"]
     tstr = "n/a" if u["tstr_accuracy"] is None else f"{u['tstr_accuracy']:.4f}"
@@ -216,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "rounds.csv and figures/. Data is searched in this order: --data-root (or data.root), "
                     "$ALIGNFL_DATA_DIR, torchvision's download (only with data.download: true), then the "
                     "embedded subset.")
-    run.add_argument("config", help="YAML experiment config, e.g. configs/quickstart.yaml")
+    run.add_argument("config", nargs="?", help="YAML experiment config, e.g. configs/quickstart.yaml")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its last checkpoint (same result as an uninterrupted run)")
     run.add_argument("--data-root", metavar="DIR",
                      help="folder holding MNIST/raw and FashionMNIST/raw (IDX files, .gz or raw)")
     run.add_argument("--out", metavar="DIR", help="run directory to create (default: runs/NAME-seedN[-K])")

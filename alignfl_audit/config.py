@@ -39,6 +39,7 @@ class ServerConfig:
     epochs: int = 5
     sampling: str = "prior"  # prior | gmm (gmm shares an extra artifact: a latent GMM per client)
     gmm_components: int = 10
+    participation: float = 1.0  # per-round probability that a client takes part (client dropout)
     model: typing.Optional[dict] = None  # default: the clients' default model
 
 
@@ -153,6 +154,8 @@ class ExperimentConfig:
                             ("strategy.mu", self.strategy.mu)):
             if not value >= 0 or (path == "training.lr" and value == 0):
                 raise ConfigError(f"{path} must be {'> 0' if path == 'training.lr' else '>= 0'}, got {value}")
+        if not 0 < self.server.participation <= 1:
+            raise ConfigError(f"server.participation must be in (0, 1], got {self.server.participation}")
         if self.server.sampling not in ("prior", "gmm"):
             raise ConfigError(f"server.sampling must be prior or gmm, not {self.server.sampling!r}")
         if self.strategy.name not in STRATEGIES:

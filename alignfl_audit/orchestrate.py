@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from alignfl_audit.accounting import ledger_epsilons
+from alignfl_audit.checkpoint import load_checkpoint, restore, save_checkpoint
 from alignfl_audit.config import ExperimentConfig, dump_config
 from alignfl_audit.provenance import provenance
 from alignfl_audit.rundir import RunDir
@@ -122,7 +123,8 @@ def build_strategy(cfg: ExperimentConfig, clients: list[Client]):
     return cls(clients, cfg.training, cfg.server_spec(), cfg.seed,
                samples_per_client=cfg.server.samples_per_client, server_epochs=cfg.server.epochs,
                sampling=cfg.server.sampling, gmm_components=cfg.server.gmm_components,
-               prox_mu=cfg.strategy.mu if cfg.strategy.name == "fedprox" else 0.0, epochs=cfg.strategy.epochs)
+               prox_mu=cfg.strategy.mu if cfg.strategy.name == "fedprox" else 0.0, epochs=cfg.strategy.epochs,
+               participation=cfg.server.participation)
 
 
 def _digest(files: dict) -> str:
@@ -149,7 +151,44 @@ def run_experiment(cfg: ExperimentConfig, data_root: str | Path | None = None, o
     return run
 
 
-def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, started: float) -> None:
+def resume_experiment(run_dir: str | Path, data_root: str | Path | None = None, quiet: bool = False):
+    """Continue a crashed or interrupted run from its last checkpoint, in its own directory, with its own
+    resolved config. The result equals an uninterrupted run with the same seed."""
+    import yaml
+
+    from alignfl_audit.config import from_dict
+    from federation.errors import ConfigError
+
+    run = RunDir(run_dir)
+    if not run.file("config.resolved.yaml").is_file():
+        raise ConfigError(f"{run.path} is not a run directory (no config.resolved.yaml)")
+    if run.is_complete():
+        raise ConfigError(f"{run.path} is already complete; nothing to resume")
+    try:
+        cfg = from_dict(yaml.safe_load(run.file("config.resolved.yaml").read_text()))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{run.path}/config.resolved.yaml is not valid YAML: {err}") from None
+    started = time.perf_counter()
+    data = load_data(cfg, data_root)
+    partition = make_partition(cfg.partition, data.train.labels,
+                               data.outlier_train.labels if data.outlier_train is not None else np.zeros(0),
+                               cfg.data.dataset, cfg.outlier_dataset, cfg.seed)
+    if run.file("partition.json").is_file() and run.read_json("partition.json") != partition.to_json():
+        raise DataError(f"the data found now do not give the partition recorded in {run.path}/partition.json; "
+                        "pass the run's data with --data-root")
+    units = training_units(cfg, data, partition)
+    run.write_json("partition.json", partition.to_json())
+    run.set_status("running", resumed=True)
+    try:
+        _train_and_evaluate(cfg, data, partition, units, run, quiet, started, resume=True)
+    except BaseException as err:
+        run.set_status("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    return cfg, run
+
+
+def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, started: float,
+                        resume: bool = False) -> None:
     torch.manual_seed(cfg.seed)
     ledger = new_ledger(cfg, units)
     clients = [Client(i, u.spec, u.data, u.settings, cfg.seed, cfg.privacy, u.dp_plan, ledger)
@@ -157,13 +196,18 @@ def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, s
     strategy = build_strategy(cfg, clients)
     test_x, test_y = to_tensor(data.test.images), data.test.labels
     steps = strategy.rounds * (len(clients) + 1) if strategy.rounds and cfg.strategy.name != "centralized" else 1
-    rows, rejected = [], []
-    with tqdm(total=steps, disable=quiet, desc=cfg.name, unit="step", leave=False) as bar:
+    rows, rejected, first = [], [], 0
+    state = load_checkpoint(run, cfg.digest()) if resume else None
+    if state is not None:
+        first, rows, rejected = restore(state, clients, strategy, ledger, run.file("shared"))
+        run.log(f"resumed after round {first - 1} from checkpoints/latest.pt")
+    with tqdm(total=steps, initial=min(steps, first * (len(clients) + 1)), disable=quiet, desc=cfg.name,
+              unit="step", leave=False) as bar:
         def tick(msg: str) -> None:
             bar.set_postfix_str(msg)
             bar.update(1)
 
-        for rnd in range(strategy.rounds):
+        for rnd in range(first, strategy.rounds):
             record = strategy.run_round(rnd, run.shared_round(rnd), tick)
             rejected += [{"round": rnd, "client": c, "reason": r} for c, r in record.pop("rejected").items()]
             if cfg.metrics.probe_every_round:
@@ -173,6 +217,7 @@ def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, s
                                                 for k, v in record.items() if k != "round"))
             run.write_csv("rounds.csv", rows)
             run.write_json("privacy_ledger.json", ledger.to_json())
+            save_checkpoint(run, rnd, cfg.digest(), clients, strategy, ledger, rows, rejected)
     train_seconds = time.perf_counter() - started
     cnn = domain_cnn(cfg.data.dataset, to_tensor(data.train.images), torch.as_tensor(data.train.labels),
                      _digest(data.train.files), cfg.seed, cfg.metrics.domain_cnn_epochs)
@@ -207,7 +252,11 @@ def run_pipeline(cfg: ExperimentConfig, data_root: str | Path | None = None, out
                  quiet: bool = False) -> RunDir:
     """Train; then, as the config asks, audit the run (``audit: true``) and write report.html
     (``report: true``). A failing audit or report leaves the finished run as it is."""
-    run = run_experiment(cfg, data_root, out, quiet)
+    return after_run(cfg, run_experiment(cfg, data_root, out, quiet), data_root, quiet)
+
+
+def after_run(cfg: ExperimentConfig, run: RunDir, data_root=None, quiet: bool = False) -> RunDir:
+    """The audit and report a config asks for, on a finished run."""
     if cfg.audit.enabled:
         from alignfl_audit.audit import run_audit
 

@@ -41,10 +41,13 @@ class Client:
             self.dp = DPTrainer(self.vae, self.privacy, dp_plan, settings.lr, settings.lambda_kl, len(data),
                                 self.generator, seeded_generator(seed, 5, client_id))
 
-    def train_round(self, prox_mu: float = 0.0, prox_ref: dict | None = None) -> float | None:
+    def train_round(self, prox_mu: float = 0.0, prox_ref: dict | None = None,
+                    federation_round: int | None = None) -> float | None:
         """One round of local training; returns the last epoch's mean loss, or None when the client's
-        DP budget would be overrun (it then trains no more)."""
-        rnd, self.round = self.round, self.round + 1
+        DP budget would be overrun (it then trains no more). ``federation_round`` labels the DP events
+        (a client that skipped rounds has trained fewer rounds than the federation has run)."""
+        rnd = self.round if federation_round is None else federation_round
+        self.round += 1
         if self.dp is not None:
             return self._train_round_dp(rnd)
         lcd = self.privacy.lcd_lambda if self.privacy.mechanism == "lcd" else 0.0
@@ -66,6 +69,19 @@ class Client:
                                    self.privacy.clipping, self.privacy.scope, self.dp.mode,
                                    start, self.dp.clip_bound))
         return loss
+
+    def state_dict(self) -> dict:
+        return {"round": self.round, "budget_exhausted": self.budget_exhausted, "vae": self.vae.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "dp": self.dp.state_dict() if self.dp is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round, self.budget_exhausted = int(state["round"]), bool(state["budget_exhausted"])
+        self.vae.load_state_dict(state["vae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        if self.dp is not None:
+            self.dp.load_state_dict(state["dp"])
 
     def decoder_upload(self, rnd: int, gmm_components: int = 0) -> Upload:
         """ALIGN-FL's message: the decoder and its spec (plus a latent GMM only when configured)."""

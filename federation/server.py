@@ -21,6 +21,23 @@ class AlignFLServer:
         self.generator = seeded_generator(seed, 4)
         self.decoders: dict[int, tuple[torch.nn.Module, Upload]] = {}
 
+    def state_dict(self) -> dict:
+        """The accepted decoders are recorded by (client, round): a resumed server reads them back from
+        the run's shared/ folder through the validated upload path."""
+        return {"vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "accepted": {str(cid): up.round for cid, (_, up) in self.decoders.items()}}
+
+    def load_state_dict(self, state: dict, shared_root) -> None:
+        from federation.messages import load_upload
+
+        self.vae.load_state_dict(state["vae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.decoders = {}
+        for cid, rnd in sorted(state["accepted"].items(), key=lambda kv: int(kv[0])):
+            self.accept(load_upload(shared_root / f"round-{rnd}" / f"client-{cid}.safetensors"))
+
     def accept(self, upload: Upload) -> None:
         if upload.kind != "decoder":
             raise ValueError(f"ALIGN-FL accepts decoder uploads only, got {upload.kind!r}")

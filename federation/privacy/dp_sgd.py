@@ -112,6 +112,25 @@ class DPTrainer:
         self.encoder_optimizer = (torch.optim.Adam(vae.encoder.parameters(), lr=lr)
                                   if spec.scope == "decoder" else None)
 
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue bit-identically (the Poisson sampler draws from
+        the client's generator, saved by the client)."""
+        return {"adam": self.adam.state_dict(), "clip_bound": self.clip_bound,
+                "encoder_optimizer": self.encoder_optimizer.state_dict() if self.encoder_optimizer else None,
+                "noise_generator": self.noise_generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adam.load_state_dict(state["adam"])
+        if self.encoder_optimizer is not None:
+            self.encoder_optimizer.load_state_dict(state["encoder_optimizer"])
+        self.noise_generator.set_state(state["noise_generator"])
+        if self.uses_rule:
+            self.rule.current = float(state["clip_bound"])
+            if self.mode == "ghost":
+                self.module.max_grad_norm = self.optimizer.max_grad_norm = self.rule.current
+        else:
+            self.optimizer.max_grad_norm = float(state["clip_bound"])
+
     @property
     def clip_bound(self) -> float:
         return float(self.rule.current if self.uses_rule else self.optimizer.max_grad_norm)

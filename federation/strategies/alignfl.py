@@ -9,6 +9,7 @@ from federation.client import Client
 from federation.errors import UploadRejected
 from federation.messages import load_upload, write_upload
 from federation.server import AlignFLServer
+from federation.strategies.participation import Participation
 from federation.training import TrainSettings
 
 
@@ -17,7 +18,7 @@ class AlignFL:
 
     def __init__(self, clients: list[Client], settings: TrainSettings, server_spec: dict, seed: int, *,
                  samples_per_client: int, server_epochs: int, sampling: str = "prior", gmm_components: int = 10,
-                 **_):
+                 participation: float = 1.0, **_):
         self.clients = clients
         self.rounds = settings.rounds
         self.server = AlignFLServer(server_spec, settings, seed, sampling)
@@ -25,6 +26,7 @@ class AlignFL:
         self.server_epochs = server_epochs
         self.gmm_components = gmm_components if sampling == "gmm" else 0
         self.last_synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.participation = Participation(participation, seed)
 
     @property
     def shared_artifacts(self) -> list[str]:
@@ -34,7 +36,9 @@ class AlignFL:
         record: dict = {"round": rnd, "rejected": {}}
         for client in self.clients:
             tick(f"round {rnd} client {client.id}")
-            record[f"client{client.id}_loss"] = loss = client.train_round()
+            if not self.participation.draw(record, client.id):
+                continue  # dropped out: trains nothing, spends no budget, shares nothing this round
+            record[f"client{client.id}_loss"] = loss = client.train_round(federation_round=rnd)
             if loss is None:  # budget spent: nothing new leaves the client; the server keeps its last decoder
                 continue
             path = write_upload(client.decoder_upload(rnd, self.gmm_components), shared_dir)
@@ -48,6 +52,15 @@ class AlignFL:
             record["server_loss"] = self.server.train_global(x, self.server_epochs)
             self.last_synthetic = (x, y)
         return record
+
+    def state_dict(self) -> dict:
+        return {"server": self.server.state_dict(), "participation": self.participation.state_dict(),
+                "last_synthetic": list(self.last_synthetic) if self.last_synthetic is not None else None}
+
+    def load_state_dict(self, state: dict, shared_root: Path) -> None:
+        self.server.load_state_dict(state["server"], shared_root)
+        self.participation.load_state_dict(state["participation"])
+        self.last_synthetic = tuple(state["last_synthetic"]) if state["last_synthetic"] is not None else None
 
     @property
     def global_vae(self):

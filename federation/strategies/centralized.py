@@ -21,6 +21,12 @@ class Centralized:
         tick("centralized training")
         return {"round": rnd, "rejected": {}, "server_loss": self.model.train_round()}
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, shared_root: Path) -> None:
+        pass
+
     @property
     def global_vae(self):
         return self.model.vae

@@ -11,6 +11,7 @@ from federation.errors import UploadRejected
 from federation.messages import load_upload, write_upload
 from federation.models import VAE
 from federation.server import AlignFLServer
+from federation.strategies.participation import Participation
 from federation.training import TrainSettings, decode
 
 
@@ -19,7 +20,8 @@ class FedAvg:
     shared_artifacts = ["vae", "vae_spec"]
 
     def __init__(self, clients: list[Client], settings: TrainSettings, server_spec: dict, seed: int, *,
-                 samples_per_client: int, prox_mu: float = 0.0, sampling: str = "prior", **_):
+                 samples_per_client: int, prox_mu: float = 0.0, sampling: str = "prior",
+                 participation: float = 1.0, **_):
         self.clients = clients
         self.settings = settings
         self.rounds = settings.rounds
@@ -31,6 +33,7 @@ class FedAvg:
         self._global = VAE(clients[0].vae.spec)
         self.samples_per_client = samples_per_client
         self.last_uploads: dict[int, dict] = {}
+        self.participation = Participation(participation, seed)
 
     def run_round(self, rnd: int, shared_dir: Path, tick=lambda msg: None) -> dict:
         record: dict = {"round": rnd, "rejected": {}}
@@ -38,9 +41,11 @@ class FedAvg:
         ref = {k: v.detach().clone() for k, v in self.global_state.items()}
         for client in self.clients:
             tick(f"round {rnd} client {client.id}")
+            if not self.participation.draw(record, client.id):
+                continue
             client.load_global(self.global_state)
             client.optimizer = torch.optim.Adam(client.vae.parameters(), lr=self.settings.lr)
-            record[f"client{client.id}_loss"] = client.train_round(self.prox_mu, ref)
+            record[f"client{client.id}_loss"] = client.train_round(self.prox_mu, ref, federation_round=rnd)
             path = write_upload(client.full_upload(rnd), shared_dir)
             try:
                 upload = load_upload(path)
@@ -56,6 +61,19 @@ class FedAvg:
                                  .to(self.global_state[k].dtype) for k in self.global_state}
             self._global.load_state_dict(self.global_state)
         return record
+
+    def state_dict(self) -> dict:
+        return {"global_state": self.global_state, "sampler_generator": self.sampler.generator.get_state(),
+                "participation": self.participation.state_dict(),
+                "last_uploads": {str(cid): up.round for cid, up in self.last_uploads.items()}}
+
+    def load_state_dict(self, state: dict, shared_root: Path) -> None:
+        self.global_state = state["global_state"]
+        self._global.load_state_dict(self.global_state)
+        self.sampler.generator.set_state(state["sampler_generator"])
+        self.participation.load_state_dict(state["participation"])
+        self.last_uploads = {int(cid): load_upload(shared_root / f"round-{rnd}" / f"client-{cid}.safetensors")
+                             for cid, rnd in state["last_uploads"].items()}
 
     @property
     def global_vae(self):

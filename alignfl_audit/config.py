@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -239,6 +240,8 @@ def _coerce(value, hint, path: str):
                 pass
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{path} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -49,6 +49,9 @@ SYSTEMS = {
                                                "privacy.delta=1e-5", "privacy.clipping=median-nonprivate"]),
     "lcd-0.1": ("paper-{ds}.yaml", ["privacy.mechanism=lcd", "privacy.lcd_lambda=0.1"]),
     "lcd-1": ("paper-{ds}.yaml", ["privacy.mechanism=lcd", "privacy.lcd_lambda=1"]),
+    # client dropout: each client takes part in a round with this probability
+    "alignfl-dropout30": ("paper-{ds}.yaml", ["server.participation=0.7"]),
+    "alignfl-dropout60": ("paper-{ds}.yaml", ["server.participation=0.4"]),
 }
 
 
@@ -60,7 +63,7 @@ def run_one(label: str, config: str, sets: list[str], seed: int, data_root: str,
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "alignfl_audit.cli", "run", str(ROOT / "configs" / config), "--data-root",
-           data_root, "--out", str(run_dir), "--seed", str(seed), "--quiet"]
+           data_root, "--out", str(run_dir), "--seed", str(seed), "--quiet", "--no-audit", "--no-report"]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

@@ -43,11 +43,30 @@ def _config(run: RunDir, overrides: dict) -> ExperimentConfig:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise DataError(f"cannot read the run's resolved config {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not a resolved config (not a YAML mapping)")
     for dotted, value in overrides.items():
         if not dotted.startswith("audit."):
             raise ConfigError(f"audit --set only takes audit.* keys, got {dotted!r}")
         data.setdefault("audit", {})[dotted.split(".", 1)[1]] = value
     return from_dict(data)
+
+
+def _read_json(run: RunDir, name: str) -> dict:
+    try:
+        value = run.read_json(name)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {run.file(name)}: {err}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{run.file(name)} is not a JSON object")
+    return value
+
+
+def _check_ids(ids, split, what: str) -> None:
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= len(split)):
+        raise DataError(f"{what} ids reach {int(ids.max())} but the {split.dataset} {split.split} split has "
+                        f"{len(split)} records: these are not the data the run used (pass --data-root)")
 
 
 def _source(dataset: str, provenance: dict | None, data_root, cfg: ExperimentConfig) -> DataSource:
@@ -95,17 +114,28 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     started = time.perf_counter()
     run = RunDir(run_dir)
     shared = load_shared_run(run.path)
+    if not run.is_complete():
+        raise DataError(f"{run.path} is not a finished run (status is not complete): its shared decoders may "
+                        "stop mid-way and its data provenance is not recorded; finish it with 'alignfl-audit run "
+                        "--resume' first")
+    if seed is not None and seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {seed}")
     cfg = _config(run, overrides or {})
     a = cfg.audit
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
-    provenance = run.read_json("metrics.json").get("data", {}) if run.file("metrics.json").is_file() else {}
+    provenance = _read_json(run, "metrics.json").get("data", {})
     part = shared.partition
     main_ds, out_ds = part["dataset"], part["outlier_dataset"]
     train = _load(main_ds, "train", provenance, data_root, cfg)
     test = _load(main_ds, "test", provenance, data_root, cfg)
     needs_outlier_source = bool(part.get("outliers", {}).get("ids") or part.get("canaries", {}).get("ids"))
     out_train = _load(out_ds, "train", provenance, data_root, cfg) if needs_outlier_source else None
+    for c in part["clients"]:
+        _check_ids(np.r_[c["train_ids"], c["holdout_ids"]], train, f"client {c['client']}")
+    if out_train is not None:
+        _check_ids(np.r_[part.get("outliers", {}).get("ids", []), part.get("outliers", {}).get("control_ids", []),
+                         part.get("canaries", {}).get("ids", [])], out_train, "outlier/canary")
     images = to_tensor(train.images)
 
     clients = [c for c in part["clients"] if c["client"] in shared.decoders]
@@ -132,7 +162,8 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     eps = _empirical_epsilon(evidence, list(mia), delta, a.alpha, seed)
     tick("outliers")
     outliers = None
-    if out_train is not None and part.get("outliers", {}).get("ids"):
+    if out_train is not None and part.get("outliers", {}).get("ids") \
+            and part["outliers"]["client"] in shared.decoders:
         out_test = _load(out_ds, "test", provenance, data_root, cfg)
         outliers = timed("outliers", _outliers, shared, part, images, test, out_train, out_test, a, seed, run)
     tick("lipschitz")
@@ -150,6 +181,9 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
         "rejected_uploads": shared.rejected,
         "mia": mia,
         "empirical_epsilon": eps["headline"],
+        "empirical_epsilon_kind": "estimate: Clopper-Pearson on the membership game of one training run "
+                                  "(records are not independent trials); not a proof",
+        "empirical_epsilon_proven": (canaries or {}).get("epsilon_lb"),
         "empirical_epsilon_detail": eps,
         "outliers": outliers,
         "lipschitz": lipschitz,
@@ -242,12 +276,15 @@ def _outliers(shared, part, images, test, out_train, out_test, a, seed, run) -> 
     groups = {"outliers": to_tensor(out_train.images[o["ids"]]),
               "controls": to_tensor(out_train.images[o["control_ids"]]) if o.get("control_ids") else torch.zeros(0),
               "inliers": images[np.sort(inlier_ids)]}
-    typical = to_tensor(test.images)
-    classifier = domain_classifier(typical, to_tensor(out_test.images), seed)
+    typical, other = to_tensor(test.images), to_tensor(out_test.images)
+    classifier = domain_classifier(typical, other, seed)
     fit_options = dict(lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=a.latent_fit_restarts,
                        steps=a.latent_fit_steps)
-    summary, recons = reconstruct_groups(target.decoder, target.latent_dim, groups, typical, classifier,
-                                         seeded_generator(seed, 73, k), threshold=a.reconstruction_threshold,
+    # neighbours from both public test splits: a reconstruction counts only if it is much closer to its
+    # own record than to any public image of either dataset, not merely unlike the main dataset
+    summary, recons = reconstruct_groups(target.decoder, target.latent_dim, groups, torch.cat([typical, other]),
+                                         classifier, seeded_generator(seed, 73, k),
+                                         threshold=a.reconstruction_threshold, alpha=a.alpha,
                                          fit_options=fit_options)
     from federation.metrics.figures import sample_grid
 
@@ -260,6 +297,7 @@ def _outliers(shared, part, images, test, out_train, out_test, a, seed, run) -> 
     comparison = summary.get("comparison", {})
     return {"client": k, "reconstruction_rate": summary["outliers"]["reconstruction_rate"],
             "control_rate": comparison.get("control_rate"), "claim_holds": comparison.get("claim_holds"),
+            "verdict": comparison.get("verdict", "not tested: no controls"),
             "groups": summary, "figures": figures,
             "figure_layout": "pairs: original, reconstruction (left to right, row by row)"}
 
@@ -289,6 +327,8 @@ def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence) -> d
     c = part.get("canaries") or {}
     if not c.get("ids"):
         return None
+    if c["client"] not in shared.decoders:
+        return {"client": c["client"], "epsilon_lb": None, "note": "the canary client shared no decoder"}
     k = c["client"]
     target = shared.final(k)
     included = np.asarray(c["included"], bool)
@@ -299,7 +339,8 @@ def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence) -> d
     m = len(scores)
     guesses = max(1, int(a.canary_guesses * m))
     result = one_run_epsilon(scores, included, guesses, guesses, delta, beta=a.alpha)
-    return {"client": k, "attack": attack.name, **result}
+    return {"client": k, "attack": attack.name, **result,
+            "kind": "lower bound with proof at confidence 1 - beta (Steinke, Nasr, Jagielski 2023)"}
 
 
 def _accountant(run: RunDir) -> dict:

@@ -162,12 +162,14 @@ def _print_audit(path) -> None:
     audit = json.loads(path.read_text())
     best = max(audit["mia"].items(), key=lambda kv: kv[1]["auc"])
     o = audit["outliers"]
-    outl = (f" outliers reconstructed {o['reconstruction_rate']:.3f} vs controls {o['control_rate']:.3f}"
+    outl = (f", outliers reconstructed {o['reconstruction_rate']:.3f} vs controls {o['control_rate']:.3f}"
             if o and o.get("control_rate") is not None else "")
     acc = audit["accountant"]
     formal = f"accountant epsilon={acc['epsilon']:.3f}" if acc["formal_guarantee"] else "no formal guarantee"
-    print(f"{path}: best AUC {best[1]['auc']:.3f} ({best[0]}), empirical epsilon_lb="
-          f"{audit['empirical_epsilon']:.3f} ({formal}){outl}")
+    proven = audit.get("empirical_epsilon_proven")
+    canary = f"canary lower bound epsilon>={proven:.3f}, " if proven is not None else ""
+    print(f"{path}: best AUC {best[1]['auc']:.3f} ({best[0]}), {canary}membership-game epsilon estimate "
+          f"{audit['empirical_epsilon']:.3f} (not a proof; {formal}){outl}")
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +247,9 @@ def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, s
     }
     run.write_json("metrics.json", metrics)
     run.set_status("complete")
+    # resume state holds every encoder and RNG state: it has no use once the run is complete, and a run
+    # directory handed to an auditor must not carry what the threat model keeps from the adversary
+    shutil.rmtree(run.file("checkpoints"), ignore_errors=True)
 
 
 def run_pipeline(cfg: ExperimentConfig, data_root: str | Path | None = None, out: str | Path | None = None,

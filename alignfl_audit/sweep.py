@@ -10,8 +10,8 @@ then one comparison report.
       - {label: no-dp}
       - {label: dp-eps1, set: {privacy.mechanism: dp-sgd, privacy.target_epsilon: 1}}
 
-Resumable: a run whose directory is complete and audited is skipped; an unfinished one is moved aside
-(``<label>.incomplete-N``) and redone. A failing run is recorded and the others carry on; the
+Resumable: a run whose directory is complete, audited and made from the same config is skipped; any other is moved aside
+(``<label>.replaced-N``) and redone. A failing run is recorded and the others carry on; the
 report covers every run that finished, and the command exits nonzero if any failed.
 """
 from __future__ import annotations
@@ -75,8 +75,10 @@ def load_sweep(path: str | Path) -> SweepPlan:
         raise ConfigError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-'")
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                            for s in seeds):
-        raise ConfigError(f"{path}: seeds must be a non-empty list of integers")
+                                                            for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of distinct integers")
+    if not isinstance(data.get("out", ""), str):
+        raise ConfigError(f"{path}: 'out' must be a folder path")
     runs = data.get("runs")
     if not isinstance(runs, list) or not runs:
         raise ConfigError(f"{path}: 'runs' must be a non-empty list of {{label, set}} entries")
@@ -109,15 +111,22 @@ def _configs(plan: SweepPlan) -> list[tuple[str, object]]:
     return out
 
 
-def _finished(path: Path) -> bool:
-    return RunDir(path).is_complete() and (path / "audit.json").is_file()
+def _finished(path: Path, cfg) -> bool:
+    """Complete, audited, and made from this very config (an edited sweep entry is redone)."""
+    run = RunDir(path)
+    if not (run.is_complete() and (path / "audit.json").is_file()):
+        return False
+    try:
+        return run.read_json("metrics.json").get("config_sha256") == cfg.digest()
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _move_aside(path: Path) -> None:
     n = 1
-    while path.with_name(f"{path.name}.incomplete-{n}").exists():
+    while path.with_name(f"{path.name}.replaced-{n}").exists():
         n += 1
-    path.rename(path.with_name(f"{path.name}.incomplete-{n}"))
+    path.rename(path.with_name(f"{path.name}.replaced-{n}"))
 
 
 def run_sweep(path: str | Path, data_root=None, quiet: bool = False, echo=print) -> SweepResult:
@@ -130,7 +139,7 @@ def run_sweep(path: str | Path, data_root=None, quiet: bool = False, echo=print)
     result = SweepResult(None)
     for tag, cfg in configs:
         run_path = plan.out / tag
-        if _finished(run_path):
+        if _finished(run_path, cfg):
             result.skipped.append(tag)
             result.finished.append(run_path)
             echo(f"{tag}: finished before, skipped")

@@ -14,7 +14,7 @@ def _key(level: float) -> str:
 
 
 def point_metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
-    fpr, tpr, _ = roc_curve(labels, scores)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     out = {"auc": float(roc_auc_score(labels, scores)), "advantage": float(np.max(tpr - fpr))}
     for level in FPR_LEVELS:
         out[_key(level)] = float(tpr[fpr <= level + 1e-12].max())

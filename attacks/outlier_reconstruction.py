@@ -6,21 +6,22 @@ controls, inliers):
 
 * ``distance``: ||x - x^||_2;
 * ``normalized``: a Carlini et al. (2023) style normalized distance,
-  ||x - x^||_2 / mean_{y in N_k(x^)} ||x^ - y||_2, with N_k(x^) the k nearest *typical* public
-  records (the main dataset's test split) to x^. Below 1, x^ is closer to the record than to typical
-  data; a record counts as **reconstructed** when it is below ``threshold``;
+  ||x - x^||_2 / mean_{y in N_k(x^)} ||x^ - y||_2, with N_k(x^) the k nearest public records to x^
+  (the caller passes both datasets' public test splits). Below 1, x^ is closer to its record than to
+  public data; a record counts as **reconstructed** when it is below ``threshold``;
 * ``mapped_to_typical``: the fraction of reconstructions a domain classifier (main dataset vs outlier
   source, fitted on public test splits) assigns to the main dataset.
 
 The paper's claim, that a privacy mechanism maps sensitive outliers to typical points, holds when
-the outliers' reconstruction rate is no higher than the controls'. A one-sided Mann-Whitney test
-asks whether outliers sit closer to their reconstructions than controls do.
+the outliers' reconstruction rate is no higher than the controls'; it fails when it is significantly
+higher (one-sided Fisher exact test at ``alpha``), and is inconclusive in between. A one-sided
+Mann-Whitney test asks whether outliers sit closer to their reconstructions than controls do.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import mannwhitneyu
+from scipy.stats import fisher_exact, mannwhitneyu
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
@@ -42,7 +43,8 @@ def normalized_distance(fit: LatentFit, typical: torch.Tensor, k: int) -> torch.
 
 def reconstruct_groups(decoder: nn.Module, latent_dim: int, groups: dict[str, torch.Tensor],
                        typical: torch.Tensor, classifier: LogisticRegression, generator: torch.Generator, *,
-                       threshold: float, k: int = 50, fit_options: dict | None = None) -> tuple[dict, dict]:
+                       threshold: float, alpha: float = 0.05, k: int = 50,
+                       fit_options: dict | None = None) -> tuple[dict, dict]:
     """Returns (summary per group, reconstructions per group for image grids)."""
     summary, recons = {}, {}
     for name, records in groups.items():
@@ -64,9 +66,19 @@ def reconstruct_groups(decoder: nn.Module, latent_dim: int, groups: dict[str, to
     if "outliers" in summary and "controls" in summary:
         o, c = summary["outliers"], summary["controls"]
         test = mannwhitneyu(o["normalized_distances"], c["normalized_distances"], alternative="less")
+        hits_o, hits_c = round(o["reconstruction_rate"] * o["n"]), round(c["reconstruction_rate"] * c["n"])
+        rate_p = fisher_exact([[hits_o, o["n"] - hits_o], [hits_c, c["n"] - hits_c]], alternative="greater").pvalue
+        if o["reconstruction_rate"] <= c["reconstruction_rate"]:
+            verdict, holds = "holds: outliers are reconstructed no more often than never-seen controls", True
+        elif rate_p < alpha:
+            verdict, holds = (f"fails: outliers are reconstructed more often than controls (one-sided Fisher exact "
+                              f"p = {rate_p:.3g} < {alpha})"), False
+        else:
+            verdict, holds = (f"inconclusive: the outliers' rate is higher but not significantly (one-sided Fisher "
+                              f"exact p = {rate_p:.3g} >= {alpha})"), None
         summary["comparison"] = {
             "reconstruction_rate": o["reconstruction_rate"], "control_rate": c["reconstruction_rate"],
-            "claim_holds": o["reconstruction_rate"] <= c["reconstruction_rate"],
+            "claim_holds": holds, "verdict": verdict, "rate_p_value": float(rate_p),
             "outliers_closer_p_value": float(test.pvalue),
             "test": "one-sided Mann-Whitney U: outliers' normalized distances < controls'",
             "threshold": threshold, "neighbours": k}

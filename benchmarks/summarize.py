@@ -17,6 +17,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def load() -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(RESULTS.glob("*-seed*.json")):
+        if path.name.startswith("audit-"):
+            continue
         label = re.sub(r"-seed\d+$", "", path.stem)
         groups[label].append(json.loads(path.read_text()))
     return groups
@@ -59,6 +61,46 @@ def bars() -> str:
     return "\n".join(out)
 
 
+PAPER_PRIVACY = {"alignfl": ("No-DP", 0.7425), "lcd": ("LCD-VAE", 0.6325), "dpsgd-eps10": ("DP-SGD eps=10", 0.5175)}
+
+
+def privacy_bars() -> str:
+    """The privacy-mechanism bar on MNIST: No-DP > LCD-VAE > DP-SGD(eps=10), each within 10 points of the
+    paper's table (seed 0, the seed every mechanism was run with)."""
+    groups = load()
+
+    def seed0(label):
+        runs = [r for r in groups.get(label, []) if r["seed"] == 0]
+        return runs[0]["utility"]["probe_accuracy"] if runs else None
+
+    lcd_labels = sorted(k for k in groups if k.startswith("mnist-lcd-"))
+    found = {"alignfl": seed0("mnist-alignfl"), "dpsgd-eps10": seed0("mnist-dpsgd-eps10")}
+    lcd = {k: seed0(k) for k in lcd_labels}
+    if None in found.values() or not lcd:
+        return "(not all of No-DP, LCD-VAE and DP-SGD eps=10 have been run)"
+    out = []
+    for name, acc in [("alignfl", found["alignfl"]), *[(k, v) for k, v in lcd.items()],
+                      ("dpsgd-eps10", found["dpsgd-eps10"])]:
+        key = "lcd" if name.startswith("mnist-lcd") else name
+        label, paper = PAPER_PRIVACY[key]
+        out.append(f"- {name.replace('mnist-', '')} ({label}): {acc:.4f} vs paper {paper:.4f}, "
+                   f"difference {acc - paper:+.4f} ({'within' if abs(acc - paper) <= 0.10 else 'NOT within'} 10 points)")
+    for k, v in lcd.items():
+        order = found["alignfl"] > v > found["dpsgd-eps10"]
+        out.append(f"- order No-DP > {k.replace('mnist-', '')} > DP-SGD(eps=10): {found['alignfl']:.4f} > {v:.4f} > "
+                   f"{found['dpsgd-eps10']:.4f}: {'holds' if order else 'does NOT hold'}")
+    return "\n".join(out)
+
+
+def audit_table() -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("audit_runs", Path(__file__).with_name("audit_runs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.table()
+
+
 def dp_table() -> str:
     path = RESULTS / "dp_overhead.json"
     if not path.exists():
@@ -74,7 +116,8 @@ def dp_table() -> str:
 def fill(readme: Path) -> None:
     """Replace the RESULTS_TABLE, BARS and DP_TABLE markers (or the tables that replaced them)."""
     text = readme.read_text()
-    for marker, value in (("RESULTS_TABLE", table()), ("BARS", bars()), ("DP_TABLE", dp_table())):
+    for marker, value in (("RESULTS_TABLE", table()), ("BARS", bars()), ("DP_TABLE", dp_table()),
+                          ("PRIVACY_BARS", privacy_bars()), ("AUDIT_TABLE", audit_table())):
         start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
         block = f"{start}\n{value}\n{end}"
         if start in text:
@@ -95,3 +138,7 @@ if __name__ == "__main__":
         print(bars())
         print()
         print(dp_table())
+        print()
+        print(privacy_bars())
+        print()
+        print(audit_table())

@@ -38,6 +38,18 @@ def _json(path: Path):
         raise DataError(f"cannot read {path}: {err}") from None
 
 
+AUDIT_KEYS = ("mia", "empirical_epsilon", "empirical_epsilon_detail", "lipschitz", "accountant", "seed")
+
+
+def _checked(value, path: Path, keys: tuple[str, ...], what: str):
+    if value is None:
+        return None
+    if not isinstance(value, dict) or any(k not in value for k in keys):
+        missing = [k for k in keys if not isinstance(value, dict) or k not in value]
+        raise DataError(f"{path} is not a valid {what} (missing {', '.join(missing[:4])})")
+    return value
+
+
 def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -46,8 +58,14 @@ def load_run(path: str | Path) -> RunEvidence:
     path = Path(path)
     metrics = _json(path / "metrics.json")
     if metrics is None:
-        state = (_json(path / "status.json") or {}).get("state", "no status")
+        status = _json(path / "status.json")
+        state = status.get("state", "no status") if isinstance(status, dict) else "no status"
         raise DataError(f"{path} is not a finished run (no metrics.json; status: {state})")
+    _checked(metrics, path / "metrics.json", ("utility", "privacy"), "metrics file")
+    audit = _checked(_json(path / "audit.json"), path / "audit.json", AUDIT_KEYS, "audit file")
+    if audit is not None and audit.get("format") != "alignfl-audit/1":
+        raise DataError(f"{path / 'audit.json'} is not an alignfl-audit/1 audit file")
+    ledger = _checked(_json(path / "privacy_ledger.json"), path / "privacy_ledger.json", ("events",), "privacy ledger")
     rounds = None
     if (path / "rounds.csv").is_file():
         try:
@@ -59,5 +77,7 @@ def load_run(path: str | Path) -> RunEvidence:
         for png in sorted(folder.glob("*.png")) if folder.is_dir() else []:
             images[png.stem] = data_uri(png)
     config = path / "config.resolved.yaml"
-    return RunEvidence(path, metrics, _json(path / "audit.json"), _json(path / "privacy_ledger.json"), rounds,
-                       config.read_text() if config.is_file() else None, _json(path / "status.json"), images)
+    status = _json(path / "status.json")
+    return RunEvidence(path, metrics, audit, ledger, rounds,
+                       config.read_text() if config.is_file() else None,
+                       status if isinstance(status, dict) else None, images)

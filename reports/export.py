@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from alignfl_audit.rundir import atomic_write
 from reports.evidence import RunEvidence
 
 _SKIP = {"roc", "distances", "normalized_distances", "settings", "layer_norms", "figures"}
@@ -48,6 +49,6 @@ def tidy(runs: list[RunEvidence]) -> pd.DataFrame:
 def write_exports(runs: list[RunEvidence], html_path: Path) -> tuple[Path, Path]:
     df = tidy(runs)
     csv_path, json_path = html_path.with_suffix(".metrics.csv"), html_path.with_suffix(".metrics.json")
-    df.to_csv(csv_path, index=False)
-    df.to_json(json_path, orient="records", indent=1)
+    atomic_write(csv_path, df.to_csv(index=False))
+    atomic_write(json_path, df.to_json(orient="records", indent=1))
     return csv_path, json_path

@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from jinja2 import Environment, PackageLoader, StrictUndefined, TemplateError, select_autoescape
 
 from alignfl_audit.rundir import atomic_write
 from reports import figures
 from reports.evidence import RunEvidence, load_run
 from reports.export import write_exports
 from reports.summary import verdict_row
+from federation.errors import DataError
 
 
 def _environment() -> Environment:
@@ -34,13 +35,21 @@ def _run_context(run: RunEvidence, row: dict) -> dict:
 def render_report(run_dirs: list[str | Path], out: str | Path, title: str | None = None) -> Path:
     runs = [load_run(p) for p in run_dirs]
     out = Path(out)
+    csv_path, json_path = out.with_suffix(".metrics.csv"), out.with_suffix(".metrics.json")
+    try:
+        rows = [verdict_row(r) for r in runs]
+        html = _render(runs, rows, csv_path, json_path, title)
+    except (TemplateError, KeyError, TypeError, AttributeError) as err:  # a file of unexpected shape: one line
+        raise DataError(f"cannot render the report: a run file lacks a field the report needs ({err!r})") from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = write_exports(runs, out)
-    rows = [verdict_row(r) for r in runs]
-    html = _environment().get_template("report.html.j2").render(
+    write_exports(runs, out)
+    atomic_write(out, html)  # only a complete report replaces an earlier one
+    return out
+
+
+def _render(runs, rows, csv_path, json_path, title) -> str:
+    return _environment().get_template("report.html.j2").render(
         title=title or ("Privacy-utility report: " + ", ".join(r.label for r in runs[:3])
                         + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")),
         generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"), rows=rows, frontier=figures.frontier(runs),
         runs=[_run_context(r, row) for r, row in zip(runs, rows)], exports=[csv_path.name, json_path.name])
-    atomic_write(out, html)
-    return out

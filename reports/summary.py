@@ -38,6 +38,7 @@ def verdict_row(run: RunEvidence) -> dict:
         "audited": audit is not None,
         "empirical_epsilon": audit.get("empirical_epsilon") if audit else None,
         "canary_epsilon": (audit.get("canaries") or {}).get("epsilon_lb") if audit else None,
+        "canary_delta": (audit.get("canaries") or {}).get("delta") if audit else None,
         "best_attack": best_attack(audit),
         "outliers": outliers,
         "lipschitz": sorted((cid, b["lower"], b["upper"]) for cid, b in lipschitz.items()),

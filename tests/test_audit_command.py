@@ -52,8 +52,11 @@ def test_audit_json_has_the_contracted_fields(audited):
         bracket = audit["lipschitz"][cid]
         assert 0 < bracket["lower"] <= bracket["upper"]
         assert set(bracket["rounds"]) == {"0", "1"}
-    assert audit["empirical_epsilon"] >= 0
+    assert audit["empirical_epsilon"] >= 0 and "not a proof" in audit["empirical_epsilon_kind"]
     assert audit["canaries"]["m"] == 20 and audit["canaries"]["client"] == 1
+    assert audit["empirical_epsilon_proven"] == audit["canaries"]["epsilon_lb"]
+    assert audit["outliers"]["verdict"].split(":")[0] in ("holds", "fails", "inconclusive")
+    assert not (run / "checkpoints").exists()  # resume state is gone once the run is complete
     assert audit["accountant"]["formal_guarantee"] is False and audit["accountant"]["epsilon"] is None
     evidence = np.load(run / "audit" / "scores.npz", allow_pickle=False)
     assert len(evidence["labels"]) == len(evidence["white_box_latent_fit__scores"])
@@ -76,7 +79,9 @@ def test_audit_is_deterministic_and_needs_only_shared_artifacts_and_the_partitio
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copytree(run / "shared", bare / "shared")
-    for name in ("partition.json", "config.resolved.yaml"):  # the recipe and the ground truth, nothing else
+    # the adversary's view, the ground truth, the recipe, and the two files that say the run finished and
+    # which data files it read; no ledger, no rounds, no figures, no checkpoint
+    for name in ("partition.json", "config.resolved.yaml", "status.json", "metrics.json"):
         shutil.copy(run / name, bare / name)
     assert main(["audit", str(bare), "--quiet"]) == 0
     second = json.loads((bare / "audit.json").read_text())
@@ -97,12 +102,20 @@ def test_dp_run_empirical_epsilon_stays_below_the_accountant(tmp_path_factory):
 
 
 def test_audit_errors_are_one_line(tmp_path, capsys, audited):
+    run = audited[0]
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run / "shared", unfinished / "shared")
+    shutil.copy(run / "partition.json", unfinished / "partition.json")
+    (unfinished / "status.json").write_text('{"state": "running"}')
     assert main(["audit", str(tmp_path / "missing"), "--quiet"]) == 2
-    assert main(["audit", str(audited[0]), "--quiet", "--set", "training.rounds=3"]) == 2
-    assert main(["audit", str(audited[0]), "--quiet", "--set", "audit.alpha=2"]) == 2
+    assert main(["audit", str(run), "--quiet", "--set", "training.rounds=3"]) == 2
+    assert main(["audit", str(run), "--quiet", "--set", "audit.alpha=2"]) == 2
+    assert main(["audit", str(unfinished), "--quiet"]) == 2
+    assert main(["audit", str(run), "--quiet", "--seed", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("alignfl-audit: error: ") for line in err)
+    assert len(err) == 5 and all(line.startswith("alignfl-audit: error: ") for line in err)
     assert "no run directory" in err[0] and "audit.*" in err[1] and "audit.alpha" in err[2]
+    assert "not a finished run" in err[3] and "--seed must be >= 0" in err[4]
 
 
 def test_audit_refuses_data_that_differs_from_the_run(audited, full_data_root, capsys):

@@ -223,7 +223,8 @@ def test_class_disjoint_property(case):
     (dict(scheme="iid"), "scheme must be"),
     (dict(outliers=OutlierSpec(count=1, client=5)), "outliers.client 5 is not a client"),
     (dict(outliers=OutlierSpec(count=-1)), "must be >= 0"),
-    (dict(canaries=CanarySpec(count=-2)), "canaries.count must be >= 0"),
+    (dict(canaries=CanarySpec(count=-2)), "canaries.count must be 0"),
+    (dict(canaries=CanarySpec(count=1)), "at least 2"),
     (dict(canaries=CanarySpec(count=5, client=7)), "canaries.client 7 is not a client"),
 ])
 def test_invalid_specs_raise_config_error(embedded_labels, kwargs, match):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -86,10 +87,28 @@ def test_missing_sections_are_explained_and_no_epsilon_without_a_guarantee(pipel
     assert "This run has no audit.json" in html
 
 
-def test_report_errors_are_one_line(tmp_path, capsys):
+def test_report_errors_are_one_line(tmp_path, capsys, pipeline_run):
     assert main(["report", str(tmp_path / "nothing")]) == 2
+    for broken in ("{}", "[1, 2]", '{"format": "alignfl-audit/1", "mia": {}}', "not json"):
+        copy = tmp_path / f"copy-{len(broken)}"
+        shutil.copytree(pipeline_run, copy)
+        (copy / "report.html").write_text("earlier report")
+        (copy / "audit.json").write_text(broken)
+        assert main(["report", str(copy)]) == 2
+        assert (copy / "report.html").read_text() == "earlier report"  # a failed render loses nothing
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is not a finished run" in err[0]
+    assert len(err) == 5 and all(line.startswith("alignfl-audit: error: ") for line in err)
+    assert "is not a finished run" in err[0] and all("audit.json" in line for line in err[1:])
+
+
+def test_outliers_without_controls_render_as_not_tested(tmp_path):
+    cfg = from_dict(tiny_config(name="no-controls", audit=AUDIT, report=True,
+                                partition={"outliers": {"count": 6, "client": 0, "holdout": 0}}))
+    run = run_pipeline(cfg, out=tmp_path / "run", quiet=True).path
+    audit = json.loads((run / "audit.json").read_text())
+    assert audit["outliers"]["control_rate"] is None and audit["outliers"]["verdict"] == "not tested: no controls"
+    html = (run / "report.html").read_text()
+    assert "the claim cannot be tested on this run" in html and "claim not tested" in html
 
 
 def test_sweep_records_a_failure_keeps_the_others_and_resumes(tmp_path, capsys):
@@ -111,6 +130,12 @@ def test_sweep_records_a_failure_keeps_the_others_and_resumes(tmp_path, capsys):
     assert main(["sweep", str(sweep), "--quiet"]) == 1  # resumed: the finished run is not redone
     assert "ok-seed0: finished before, skipped" in capsys.readouterr().out
     assert (out / "ok-seed0" / "metrics.json").read_bytes() == first
+    edited = yaml.safe_load(sweep.read_text())
+    edited["runs"] = [{"label": "ok", "set": {"training.lambda_kl": 0.5}}]  # same label, other settings
+    sweep.write_text(yaml.safe_dump(edited))
+    assert main(["sweep", str(sweep), "--quiet"]) == 0
+    assert "ok-seed0: trained and audited" in capsys.readouterr().out
+    assert (out / "ok-seed0.replaced-1").is_dir()  # the stale run is kept aside, not deleted
 
 
 def test_sweep_file_errors_are_one_line(tmp_path, capsys):

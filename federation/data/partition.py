@@ -77,8 +77,8 @@ class PartitionSpec:
         if not 0 <= o.client < self.n_clients:
             raise ConfigError(f"partition.outliers.client {o.client} is not a client (0..{self.n_clients - 1})")
         c = self.canaries
-        if c.count < 0:
-            raise ConfigError(f"partition.canaries.count must be >= 0, got {c.count}")
+        if c.count < 0 or c.count == 1:
+            raise ConfigError(f"partition.canaries.count must be 0 (off) or at least 2, got {c.count}")
         if not 0 <= c.client < self.n_clients:
             raise ConfigError(f"partition.canaries.client {c.client} is not a client (0..{self.n_clients - 1})")
 

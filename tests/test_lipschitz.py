@@ -110,7 +110,7 @@ def small_mlp_decoders(draw):
     return _fill(nn.Sequential(*layers), torch.Generator().manual_seed(seed), scale), latent_dim
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(small_mlp_decoders())
 def test_lower_never_exceeds_upper_on_random_mlps(decoder_and_dim):
     decoder, latent_dim = decoder_and_dim

@@ -41,7 +41,7 @@ def _rows(run):
 def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(
-        name="resume", training={"rounds": 4, "local_epochs": 3, "batch_size": 32},
+        name="resume", training={"rounds": 3, "local_epochs": 3, "batch_size": 32},
         partition={"samples_per_class": 80, "outliers": {"count": 10, "client": 0, "holdout": 10}},
         server={"participation": 0.7}, privacy=DP)))
     whole, broken = tmp_path / "whole", tmp_path / "broken"
@@ -63,7 +63,7 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path):
     status = json.loads((broken / "status.json").read_text())
     assert status["state"] == "running" and not (broken / "metrics.json").exists()  # not mistaken for complete
     killed_at = len(_rows(broken))
-    assert killed_at < 4, "the run finished before it could be killed"
+    assert killed_at < 3, "the run finished before it could be killed"
 
     resumed = _cli("run", "--resume", str(broken), "--quiet")
     assert resumed.returncode == 0, resumed.stderr

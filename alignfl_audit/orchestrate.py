@@ -233,6 +233,9 @@ def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, s
         "shared_artifacts": shared,
         "privacy": privacy_block(ledger, shared),
         "rejected_uploads": rejected,
+        "participation": {"probability": cfg.server.participation,
+                          "rounds_per_client": {str(c.id): sum(bool(r.get(f"client{c.id}_participated", True))
+                                                               for r in rows) for c in clients}},
         "data": data.provenance,
         "partition": {"clients": [{"client": s.client, "classes": s.classes,
                                    "class_counts": {str(k): v for k, v in s.class_counts.items()},

@@ -92,9 +92,11 @@ def test_dropped_clients_spend_no_budget_and_never_seen_clients_contribute_nothi
         for rnd in range(5):
             exists = (run / "shared" / f"round-{rnd}" / f"client-{k}.safetensors").is_file()
             assert exists == (rnd in took_part[k])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["participation"] == {"probability": 0.4,
+                                        "rounds_per_client": {str(k): len(v) for k, v in took_part.items()}}
     # the metrics' epsilon comes from exactly those events: fewer rounds, less epsilon
-    eps = {k: v["headline"]["epsilon"] for k, v in json.loads((run / "metrics.json").read_text())
-           ["privacy"]["clients"].items()}
+    eps = {k: v["headline"]["epsilon"] for k, v in metrics["privacy"]["clients"].items()}
     fewest, most = min(took_part, key=lambda k: len(took_part[k])), max(took_part, key=lambda k: len(took_part[k]))
     if len(took_part[fewest]) < len(took_part[most]):
         assert eps[str(fewest)] < eps[str(most)]

@@ -168,6 +168,9 @@ class ExperimentConfig:
                 raise ConfigError("each entry of clients must be a model spec mapping")
         self.privacy.validate()
         _check_audit(self.audit)
+        if self.audit.enabled and self.strategy.name == "centralized":
+            raise ConfigError("audit: the centralized reference shares no decoder, so there is nothing to audit; "
+                              "set audit: false")
         if self.privacy.mechanism != "none" and self.strategy.name in ("fedavg", "fedprox"):
             raise ConfigError(f"privacy.mechanism {self.privacy.mechanism!r} is implemented for the alignfl and "
                               f"centralized strategies, not {self.strategy.name}")

@@ -125,3 +125,18 @@ def test_audit_refuses_data_that_differs_from_the_run(audited, full_data_root, c
     err = capsys.readouterr().err
     assert "differs from the file the run used" in err and err.count("\n") == 1
     assert (run / "audit.json").read_bytes() == before  # a failed audit loses nothing
+
+
+def test_audit_of_the_centralized_reference_is_refused_before_training(tmp_path, capsys):
+    import yaml
+
+    from alignfl_audit.config import ConfigError
+
+    cfg = tiny_config(strategy={"name": "centralized"}, audit=True)
+    with pytest.raises(ConfigError, match="centralized reference shares no decoder"):
+        from_dict(cfg)
+    path = tmp_path / "centralized.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "nothing to audit" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -31,6 +31,17 @@ def _is_png(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 100 and path.read_bytes()[:8] == PNG_MAGIC
 
 
+# ------------------------------------------------------------------------------------ shipped configs
+@pytest.mark.parametrize("path", sorted(p.name for p in (PROJECT_ROOT / "configs").glob("*.yaml")
+                                        if not p.name.startswith("sweep-")))
+def test_shipped_configs_validate_and_audit_and_report_by_default(path):
+    """Every shipped experiment config loads; those whose strategy shares decoders audit them and write
+    the report in the one ``alignfl-audit run`` call; the centralized reference shares nothing."""
+    cfg = load_config(PROJECT_ROOT / "configs" / path)
+    assert cfg.report is True
+    assert cfg.audit.enabled is (cfg.strategy.name != "centralized")
+
+
 # ------------------------------------------------------------------------------------ quickstart
 def test_quickstart_runs_end_to_end(quickstart_run):
     """`alignfl-audit run configs/quickstart.yaml --out TMP --quiet` (started in the background by

@@ -20,11 +20,22 @@ upper bound accepts): the Jacobian of the batched map is then block-diagonal, on
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+with warnings.catch_warnings():
+    # torch.func.jvp registers torch's forward-mode decompositions with torch.jit.script on first use,
+    # which warns that torch.jit.script is deprecated: load them here, quietly, so that an audit's
+    # output carries only its own messages.
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    try:
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    except ImportError:  # a torch without it has nothing to register
+        pass
 
 # Lipschitz constants of the elementwise / reshaping layers the upper bound accepts.
 _ACTIVATION_LIPSCHITZ = {

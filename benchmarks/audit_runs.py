@@ -47,9 +47,9 @@ def audit_one(label: str, data_root: str, threads: int) -> str:
 
 def table() -> str:
     rows = ["| run | probe acc. | accountant ε | best attack | AUC [95% CI] | TPR@1%FPR | ε_lb (CP) | "
-            "outliers / controls reconstructed | outliers mapped to typical | Lipschitz lower–upper (client 0) | "
-            "audit / train time (min) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "outliers / controls reconstructed | outliers closer than controls (p) | outliers mapped to typical | "
+            "Lipschitz lower–upper (client 0) | audit / train time (min) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("audit-*.json")):
         a = json.loads(path.read_text())
         b = a["benchmark"]
@@ -59,11 +59,13 @@ def table() -> str:
         o = a["outliers"] or {}
         outl = (f"{o['reconstruction_rate']:.3f} / {o['control_rate']:.3f}" if o.get("control_rate") is not None
                 else "n/a")
+        closer = o.get("groups", {}).get("comparison", {}).get("outliers_closer_p_value")
+        closer = f"{closer:.2g}" if closer is not None else "n/a"
         typical = f"{o['groups']['outliers']['mapped_to_typical']:.3f}" if o else "n/a"
         lip = a["lipschitz"]["0"]
         rows.append(f"| {b['label']} | {b['probe_accuracy']:.4f} | {eps} | {name} | {m['auc']:.3f} "
                     f"[{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}] | {m['tpr_at_1pct_fpr']:.3f} | "
-                    f"{a['empirical_epsilon']:.3f} | {outl} | {typical} | {lip['lower']:.2f}–{lip['upper']:.1f} | "
+                    f"{a['empirical_epsilon']:.3f} | {outl} | {closer} | {typical} | {lip['lower']:.2f}–{lip['upper']:.1f} | "
                     f"{b['audit_wall_seconds'] / 60:.1f} / {b['train_seconds'] / 60:.1f} |")
     return "\n".join(rows)
 

@@ -50,6 +50,8 @@ SYSTEMS = {
     "lcd-0.1": ("paper-{ds}.yaml", ["privacy.mechanism=lcd", "privacy.lcd_lambda=0.1"]),
     "lcd-1": ("paper-{ds}.yaml", ["privacy.mechanism=lcd", "privacy.lcd_lambda=1"]),
     # client dropout: each client takes part in a round with this probability
+    # (dropout0 is the plain alignfl run again, so that all three rows share one thread count)
+    "alignfl-dropout0": ("paper-{ds}.yaml", ["server.participation=1.0"]),
     "alignfl-dropout30": ("paper-{ds}.yaml", ["server.participation=0.7"]),
     "alignfl-dropout60": ("paper-{ds}.yaml", ["server.participation=0.4"]),
 }

@@ -127,13 +127,22 @@ def dropout_table() -> str:
     return "\n".join(rows)
 
 
-def audit_table() -> str:
+def _sibling_table(name: str) -> str:
+    """The ``table()`` of another script in this folder (benchmarks/ is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("audit_runs", Path(__file__).with_name("audit_runs.py"))
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.table()
+
+
+def audit_table() -> str:
+    return _sibling_table("audit_runs")
+
+
+def sweep_table() -> str:
+    return _sibling_table("sweep_table")
 
 
 def dp_table() -> str:
@@ -153,7 +162,7 @@ def fill(readme: Path) -> None:
     text = readme.read_text()
     for marker, value in (("RESULTS_TABLE", table()), ("BARS", bars()), ("DP_TABLE", dp_table()),
                           ("PRIVACY_BARS", privacy_bars()), ("AUDIT_TABLE", audit_table()),
-                          ("DROPOUT_TABLE", dropout_table())):
+                          ("DROPOUT_TABLE", dropout_table()), ("SWEEP_TABLE", sweep_table())):
         start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
         block = f"{start}\n{value}\n{end}"
         if start in text:

@@ -14,47 +14,51 @@ from reports.evidence import RunEvidence  # noqa: E402
 from reports.summary import best_attack, headline_epsilon  # noqa: E402
 
 
-def _uri(fig) -> str:
+def _uri(fig, layout: bool = True) -> str:
     buf = io.BytesIO()
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def frontier(runs: list[RunEvidence]) -> str:
-    """Probe accuracy against accountant epsilon (formal guarantees only) and against the best MIA AUC."""
+    """Probe accuracy against accountant epsilon (formal guarantees only) and against the best MIA AUC.
+    One legend under both panels keeps the points clear; it says which runs have no place on the left."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    unplaced = []
+    handles = []
     for i, run in enumerate(runs):
         acc = run.metrics["utility"]["probe_accuracy"]
         color = f"C{i % 10}"
         eps = headline_epsilon(run.metrics.get("privacy", {}))
         if eps is not None:
-            left.scatter([eps], [acc], color=color, label=run.label)
-        else:
-            unplaced.append(run.label)
+            left.scatter([eps], [acc], color=color)
         best = best_attack(run.audit)
         if best:
             right.errorbar([best["auc"]], [acc], xerr=[[best["auc"] - best["auc_ci"][0]],
-                                                       [best["auc_ci"][1] - best["auc"]]],
-                           fmt="o", color=color, label=run.label)
+                                                       [best["auc_ci"][1] - best["auc"]]], fmt="o", color=color)
+        where = [] if eps is not None else ["no formal guarantee: not on the left"]
+        where += [] if best else ["not audited: not on the right"]
+        label = run.label + (f" ({'; '.join(where)})" if where else "")
+        handles.append(plt.Line2D([], [], marker="o", ls="", color=color, label=label))
     left.set_xscale("log")
     left.set_xlabel("accountant epsilon (log scale)")
     left.set_ylabel("probe accuracy")
     left.set_title("utility vs formal privacy")
-    if unplaced:
-        left.text(0.02, 0.02, "no formal guarantee, not placed:\n" + "\n".join(unplaced), transform=left.transAxes,
-                  fontsize=7, va="bottom")
-    if left.collections:
-        left.legend(fontsize=7)
+    if not left.collections:
+        left.text(0.5, 0.5, "no run has a formal guarantee", transform=left.transAxes, ha="center", fontsize=9)
     right.axvline(0.5, color="grey", lw=0.8, ls="--")
     right.set_xlabel("best membership-inference AUC (95% CI)")
     right.set_ylabel("probe accuracy")
     right.set_title("utility vs measured leakage")
-    if right.containers:  # one errorbar per audited run (the 0.5 guide line has no label)
-        right.legend(fontsize=7)
-    return _uri(fig)
+    if not right.containers:
+        right.text(0.5, 0.5, "no run was audited", transform=right.transAxes, ha="center", fontsize=9)
+    rows = (len(handles) + 1) // 2
+    fig.set_size_inches(10, 4 + 0.2 * rows)
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.2 * rows / (4 + 0.2 * rows) + 0.02, 1, 1))
+    return _uri(fig, layout=False)
 
 
 def roc(run: RunEvidence) -> str | None:

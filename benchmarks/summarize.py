@@ -92,38 +92,24 @@ def privacy_bars() -> str:
     return "\n".join(out)
 
 
-HERE_RUNS = Path(__file__).resolve().parent / "runs"
-
-
-def _participation_from_rounds(path: Path) -> dict | None:
-    import csv
-
-    if not path.is_file():
-        return None
-    with open(path) as fh:
-        rows = list(csv.DictReader(fh))
-    keys = sorted(k for k in rows[0] if k.endswith("_participated")) if rows else []
-    return {k[len("client"):-len("_participated")]: sum(r[k] == "True" for r in rows) for k in keys} or None
 
 
 def dropout_table() -> str:
+    """All three rows are made the same way (2 torch threads, one run at a time), seeds 0 and 1."""
     groups = load()
-    rows = ["| dropout | participation | rounds taken part in (per client, of 10) | probe accuracy | probe F1 | "
-            "domain-CNN FID | TSTR accuracy |", "|---|---|---|---|---|---|---|"]
-    for label, drop, part in (("mnist-alignfl", "0%", 1.0), ("mnist-alignfl-dropout30", "30%", 0.7),
+    rows = ["| dropout | participation | seeds | rounds taken part in (per client, of 10; by seed) | probe accuracy | "
+            "probe F1 | domain-CNN FID | TSTR accuracy |", "|---|---|---|---|---|---|---|---|"]
+    for label, drop, part in (("mnist-alignfl-dropout0", "0%", 1.0), ("mnist-alignfl-dropout30", "30%", 0.7),
                               ("mnist-alignfl-dropout60", "60%", 0.4)):
-        runs = [r for r in groups.get(label, []) if r["seed"] == 0]
+        runs = sorted(groups.get(label, []), key=lambda r: r["seed"])
         if not runs:
-            rows.append(f"| {drop} | {part} | not run | | | | |")
+            rows.append(f"| {drop} | {part} | not run | | | | | |")
             continue
-        r = runs[0]
-        took = r.get("participation", {}).get("rounds_per_client")
-        if took is None:  # runs made before metrics.json summarized it: count from rounds.csv
-            took = _participation_from_rounds(HERE_RUNS / r["benchmark"]["label"] / "rounds.csv")
-        took = ", ".join(str(v) for v in took.values()) if took else "10 each"
-        u = r["utility"]
-        rows.append(f"| {drop} | {part} | {took} | {u['probe_accuracy']:.4f} | {u['probe_f1']:.4f} | {u['fid']:.1f} | "
-                    f"{u['tstr_accuracy']:.4f} |")
+        took = "; ".join(", ".join(str(v) for v in r["participation"]["rounds_per_client"].values()) for r in runs)
+        u = [r["utility"] for r in runs]
+        rows.append(f"| {drop} | {part} | {','.join(str(r['seed']) for r in runs)} | {took} | "
+                    f"{fmt([x['probe_accuracy'] for x in u])} | {fmt([x['probe_f1'] for x in u])} | "
+                    f"{fmt([x['fid'] for x in u], 1)} | {fmt([x['tstr_accuracy'] for x in u])} |")
     return "\n".join(rows)
 
 

@@ -45,8 +45,11 @@ def _run(args: argparse.Namespace) -> int:
     overrides = _parse_sets(args.set)
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.no_audit:  # as overrides, so validation sees them (a centralized run needs audit off)
+        overrides["audit.enabled"] = False
+    if args.no_report:
+        overrides["report"] = False
     cfg = load_config(args.config, overrides)
-    _apply_run_flags(cfg, args)
     from alignfl_audit.orchestrate import run_pipeline  # the training stack loads only for a valid config
     return _finish(cfg, run_pipeline(cfg, data_root=args.data_root, out=args.out, quiet=args.quiet))
 

@@ -170,7 +170,7 @@ class ExperimentConfig:
         _check_audit(self.audit)
         if self.audit.enabled and self.strategy.name == "centralized":
             raise ConfigError("audit: the centralized reference shares no decoder, so there is nothing to audit; "
-                              "set audit: false")
+                              "set audit: false or pass --no-audit")
         if self.privacy.mechanism != "none" and self.strategy.name in ("fedavg", "fedprox"):
             raise ConfigError(f"privacy.mechanism {self.privacy.mechanism!r} is implemented for the alignfl and "
                               f"centralized strategies, not {self.strategy.name}")

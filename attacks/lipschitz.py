@@ -20,6 +20,7 @@ upper bound accepts): the Jacobian of the batched map is then block-diagonal, on
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from contextlib import contextmanager
 
@@ -32,10 +33,13 @@ with warnings.catch_warnings():
     # which warns that torch.jit.script is deprecated: load them here, quietly, so that an audit's
     # output carries only its own messages.
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
-    try:
-        import torch._decomp.decompositions_for_jvp  # noqa: F401
-    except ImportError:  # a torch without it has nothing to register
-        pass
+    # torch loads them only under the same condition (PYTORCH_JIT=0 turns scripting off, and then the
+    # import itself fails)
+    if os.environ.get("PYTORCH_JIT", "1") == "1" and __debug__:
+        try:
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
+        except ImportError:  # a torch without it has nothing to register
+            pass
 
 # Lipschitz constants of the elementwise / reshaping layers the upper bound accepts.
 _ACTIVATION_LIPSCHITZ = {

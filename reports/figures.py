@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from reports.evidence import RunEvidence  # noqa: E402
-from reports.summary import best_attack, headline_epsilon  # noqa: E402
+from reports.summary import best_attack, headline_epsilon, shares_decoders  # noqa: E402
 
 
 def _uri(fig, layout: bool = True) -> str:
@@ -39,7 +39,9 @@ def frontier(runs: list[RunEvidence]) -> str:
             right.errorbar([best["auc"]], [acc], xerr=[[best["auc"] - best["auc_ci"][0]],
                                                        [best["auc_ci"][1] - best["auc"]]], fmt="o", color=color)
         where = [] if eps is not None else ["no formal guarantee: not on the left"]
-        where += [] if best else ["not audited: not on the right"]
+        if not best:
+            where.append("not audited: not on the right" if shares_decoders(run)
+                         else "shares no decoder: not on the right")
         label = run.label + (f" ({'; '.join(where)})" if where else "")
         handles.append(plt.Line2D([], [], marker="o", ls="", color=color, label=label))
     left.set_xscale("log")
@@ -54,9 +56,10 @@ def frontier(runs: list[RunEvidence]) -> str:
     right.set_title("utility vs measured leakage")
     if not right.containers:
         right.text(0.5, 0.5, "no run was audited", transform=right.transAxes, ha="center", fontsize=9)
-    rows = (len(handles) + 1) // 2
+    ncol = 2 if max(len(h.get_label()) for h in handles) <= 65 else 1  # long labels get the full width
+    rows = -(-len(handles) // ncol)
     fig.set_size_inches(10, 4 + 0.2 * rows)
-    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.2 * rows / (4 + 0.2 * rows) + 0.02, 1, 1))
     return _uri(fig, layout=False)
 

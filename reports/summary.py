@@ -19,6 +19,11 @@ def best_attack(audit: dict | None) -> dict | None:
     return {"name": name, **{k: m[k] for k in ("auc", "auc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci")}}
 
 
+def shares_decoders(run: RunEvidence) -> bool:
+    """The centralized reference trains one model on pooled data and shares nothing to audit."""
+    return run.metrics.get("strategy") != "centralized"
+
+
 def verdict_row(run: RunEvidence) -> dict:
     privacy = run.metrics.get("privacy", {})
     formal = bool(privacy.get("formal_guarantee"))
@@ -36,6 +41,7 @@ def verdict_row(run: RunEvidence) -> dict:
         "epsilon_per_client": per_client,  # headline (largest) first
         "extra_artifacts": privacy.get("extra_artifacts", {}),
         "audited": audit is not None,
+        "shares_decoders": shares_decoders(run),
         "empirical_epsilon": audit.get("empirical_epsilon") if audit else None,
         "canary_epsilon": (audit.get("canaries") or {}).get("epsilon_lb") if audit else None,
         "canary_delta": (audit.get("canaries") or {}).get("delta") if audit else None,

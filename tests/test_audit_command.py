@@ -140,3 +140,12 @@ def test_audit_of_the_centralized_reference_is_refused_before_training(tmp_path,
     assert main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "nothing to audit" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    # --no-audit is applied before validation, so the same config runs without editing it
+    assert main(["run", str(path), "--no-audit", "--no-report", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    resolved = yaml.safe_load((tmp_path / "run" / "config.resolved.yaml").read_text())
+    assert resolved["audit"]["enabled"] is False and resolved["report"] is False
+    assert not (tmp_path / "run" / "audit.json").exists()
+    # its report says there is nothing to audit, not that an audit is missing
+    assert main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "report.html")]) == 0
+    html = (tmp_path / "report.html").read_text()
+    assert "shares no decoder" in html and "Not audited" not in html

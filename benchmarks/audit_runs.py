@@ -20,8 +20,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-BEST = ("white_box_latent_fit", "white_box_latent_fit_calibrated", "monte_carlo", "monte_carlo_calibrated",
-        "nearest_generated_sample")
 
 
 def audit_one(label: str, data_root: str, threads: int) -> str:
@@ -46,26 +44,38 @@ def audit_one(label: str, data_root: str, threads: int) -> str:
 
 
 def table() -> str:
-    rows = ["| run | probe acc. | accountant ε | best attack | AUC [95% CI] | TPR@1%FPR | ε_lb (CP) | "
-            "outliers / controls reconstructed | outliers closer than controls (p) | outliers mapped to typical | "
-            "Lipschitz lower–upper (client 0) | audit / train time (min) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    from attacks.outlier_reconstruction import outlier_verdict
+    from reports.summary import best_attack
+
+    rows = ["| run | probe acc. | accountant ε | best attack | AUC [95% CI] | TPR@1%FPR | ε estimate (CP) | "
+            "outliers / controls reconstructed | outliers closer than controls (p) | outlier verdict | "
+            "mapped to typical: outliers / controls / inliers | Lipschitz lower–upper (client 0) | "
+            "audit / train time (min) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("audit-*.json")):
         a = json.loads(path.read_text())
         b = a["benchmark"]
-        name, m = max(((k, v) for k, v in a["mia"].items() if k in BEST), key=lambda kv: kv[1]["auc"])
+        m = best_attack(a)
         acc = a["accountant"]
         eps = f"{acc['epsilon']:.2f}" if acc["formal_guarantee"] else "none (no formal guarantee)"
         o = a["outliers"] or {}
-        outl = (f"{o['reconstruction_rate']:.3f} / {o['control_rate']:.3f}" if o.get("control_rate") is not None
-                else "n/a")
-        closer = o.get("groups", {}).get("comparison", {}).get("outliers_closer_p_value")
-        closer = f"{closer:.2g}" if closer is not None else "n/a"
-        typical = f"{o['groups']['outliers']['mapped_to_typical']:.3f}" if o else "n/a"
+        groups = o.get("groups", {})
+        comparison = groups.get("comparison")
+        outl, closer, verdict = "n/a", "n/a", "n/a"
+        if comparison:
+            outl = f"{o['reconstruction_rate']:.3f} / {o['control_rate']:.3f}"
+            closer = f"{comparison['outliers_closer_p_value']:.2g}"
+            # the verdict under the audit's current rule, from the recorded rates and p-value
+            verdict = outlier_verdict(o["reconstruction_rate"], groups["outliers"]["n"], o["control_rate"],
+                                      groups["controls"]["n"], comparison["outliers_closer_p_value"],
+                                      a["settings"]["alpha"])[0].split(":")[0]
+        typical = " / ".join(f"{groups[g]['mapped_to_typical']:.3f}" if g in groups else "n/a"
+                             for g in ("outliers", "controls", "inliers"))
         lip = a["lipschitz"]["0"]
-        rows.append(f"| {b['label']} | {b['probe_accuracy']:.4f} | {eps} | {name} | {m['auc']:.3f} "
+        rows.append(f"| {b['label']} | {b['probe_accuracy']:.4f} | {eps} | {m['name']} | {m['auc']:.3f} "
                     f"[{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}] | {m['tpr_at_1pct_fpr']:.3f} | "
-                    f"{a['empirical_epsilon']:.3f} | {outl} | {closer} | {typical} | {lip['lower']:.2f}–{lip['upper']:.1f} | "
+                    f"{a['empirical_epsilon']:.3f} | {outl} | {closer} | {verdict} | {typical} | "
+                    f"{lip['lower']:.2f}–{lip['upper']:.1f} | "
                     f"{b['audit_wall_seconds'] / 60:.1f} / {b['train_seconds'] / 60:.1f} |")
     return "\n".join(rows)
 

@@ -92,8 +92,6 @@ def privacy_bars() -> str:
     return "\n".join(out)
 
 
-
-
 def dropout_table() -> str:
     """All three rows are made the same way (2 torch threads, one run at a time), seeds 0 and 1."""
     groups = load()

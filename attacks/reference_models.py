@@ -28,8 +28,7 @@ class ReferenceRecipe:
 def train_reference_decoder(spec: dict, population: torch.Tensor, recipe: ReferenceRecipe,
                             generator: torch.Generator) -> nn.Module:
     """A VAE of the target's architecture trained on ``population``; returns its decoder, frozen."""
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-    vae = VAE(spec)
+    vae = VAE(spec, generator)
     optimizer = torch.optim.Adam(vae.parameters(), lr=recipe.lr)
     train_epochs(vae, optimizer, population, recipe.epochs, recipe.batch_size, recipe.lambda_kl, generator,
                  lcd_lambda=recipe.lcd_lambda)

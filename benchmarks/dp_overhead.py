@@ -29,8 +29,7 @@ MODES = [("bk", "fixed"), ("bk", "adaptive"), ("ghost", "fixed"), ("ghost", "ada
 
 
 def nondp_stepper(x):
-    torch.manual_seed(0)
-    vae = VAE(SPEC)
+    vae = VAE(SPEC, torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
 
     def step():
@@ -43,8 +42,7 @@ def nondp_stepper(x):
 
 
 def dp_stepper(x, mode, clipping, n):
-    torch.manual_seed(0)
-    vae = VAE(SPEC)
+    vae = VAE(SPEC, torch.Generator().manual_seed(0))
     spec = PrivacySpec(mechanism="dp-sgd", noise_multiplier=1.0, clipping=clipping, grad_sample_mode=mode).validate()
     plan = make_plan(spec, n, len(x), 1.0)
     trainer = DPTrainer(vae, spec, plan, 1e-3, 1.0, n, torch.Generator().manual_seed(0),

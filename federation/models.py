@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from federation.errors import ConfigError
+from federation.rng import init_parameters
 
 IMAGE_SHAPE = (1, 28, 28)
 PIXELS = 28 * 28
@@ -137,34 +138,77 @@ def normalize_spec(spec: dict) -> dict:
     return normal
 
 
-def build_decoder(spec: dict) -> nn.Module:
+def _materialize(module: nn.Module, generator: torch.Generator | None) -> nn.Module:
+    """A module built on the meta device gets real (CPU) storage: initialized from ``generator``, or
+    zero-filled when the caller loads a state dict next. torch's global generator is never used."""
+    module = module.to_empty(device="cpu")
+    if generator is None:
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                t.zero_()
+        return module
+    return init_parameters(module, generator)
+
+
+def build_decoder(spec: dict, generator: torch.Generator | None = None) -> nn.Module:
+    """The decoder of ``spec``: initialized from ``generator``, or all zeros (to load a state dict into)."""
     spec = normalize_spec(spec)
-    return ARCHITECTURES[spec["arch"]][2](spec)
+    with torch.device("meta"):
+        decoder = ARCHITECTURES[spec["arch"]][2](spec)
+    return _materialize(decoder, generator)
+
+
+def load_decoder(spec: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    decoder = build_decoder(spec)
+    decoder.load_state_dict(state)
+    return decoder
+
+
+def reparameterization_noise(mu: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like ``mu``, drawn from ``generator`` (the library always passes
+    one; tests replace this function to fix the noise)."""
+    if generator is None:
+        return torch.randn_like(mu)
+    return torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
 
 
 class VAE(nn.Module):
-    """A VAE whose ``decoder`` is a self-contained module: the only part a client shares."""
+    """A VAE whose ``decoder`` is a self-contained module: the only part a client shares.
 
-    def __init__(self, spec: dict):
+    ``VAE(spec, generator)`` initializes every parameter from ``generator``; ``VAE(spec)`` is all
+    zeros, for loading a state dict into (``load_vae``)."""
+
+    def __init__(self, spec: dict, generator: torch.Generator | None = None):
         super().__init__()
         self.spec = normalize_spec(spec)
         _, make_encoder, make_decoder = ARCHITECTURES[self.spec["arch"]]
-        self.encoder = make_encoder(self.spec)
-        self.decoder = make_decoder(self.spec)
+        with torch.device("meta"):
+            self.encoder = make_encoder(self.spec)
+            self.decoder = make_decoder(self.spec)
+        _materialize(self, generator)
 
     @property
     def latent_dim(self) -> int:
         return self.spec["latent_dim"]
 
-    def forward(self, x: torch.Tensor):
-        recon, mu, logvar, _ = self.forward_with_latent(x)
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        recon, mu, logvar, _ = self.forward_with_latent(x, generator)
         return recon, mu, logvar
 
-    def forward_with_latent(self, x: torch.Tensor, decoder: nn.Module | None = None):
-        """(recon, mu, logvar, z); ``decoder`` replaces the own decoder (e.g. an Opacus wrapper of it)."""
+    def forward_with_latent(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                            decoder: nn.Module | None = None):
+        """(recon, mu, logvar, z). The reparameterization noise comes from ``generator`` (the library
+        always passes one); ``decoder`` replaces the own decoder (e.g. an Opacus wrapper of it)."""
         mu, logvar = self.encoder(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        eps = reparameterization_noise(mu, generator)
+        z = mu + eps * torch.exp(0.5 * logvar)
         return (decoder or self.decoder)(z), mu, logvar, z
+
+
+def load_vae(spec: dict, state: dict[str, torch.Tensor]) -> VAE:
+    vae = VAE(spec)
+    vae.load_state_dict(state)
+    return vae
 
 
 def vae_loss_per_sample(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,

@@ -26,7 +26,8 @@ def to_tensor(images) -> torch.Tensor:
 def train_epochs(vae: VAE, optimizer: torch.optim.Optimizer, data: torch.Tensor, epochs: int,
                  batch_size: int, lambda_kl: float, generator: torch.Generator,
                  prox_mu: float = 0.0, prox_ref: dict | None = None, lcd_lambda: float = 0.0) -> float:
-    """Shuffled mini-batch training; returns the mean loss of the last epoch.
+    """Shuffled mini-batch training; returns the mean loss of the last epoch. ``generator`` draws the
+    batch order and the reparameterization noise.
 
     With ``prox_mu > 0`` the FedProx term mu/2 * ||w - w_ref||^2 is added (w_ref = ``prox_ref``);
     with ``lcd_lambda > 0`` the LCD-VAE decoder gradient penalty."""
@@ -38,7 +39,7 @@ def train_epochs(vae: VAE, optimizer: torch.optim.Optimizer, data: torch.Tensor,
         total, batches = 0.0, 0
         for start in range(0, n, batch_size):
             x = data[order[start:start + batch_size]]
-            recon, mu, logvar, z = vae.forward_with_latent(x)
+            recon, mu, logvar, z = vae.forward_with_latent(x, generator)
             loss = vae_loss(x, recon, mu, logvar, lambda_kl)
             if lcd_lambda > 0:
                 loss = loss + lcd_lambda * lcd_penalty(vae.decoder, z, generator)

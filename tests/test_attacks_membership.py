@@ -10,7 +10,7 @@ import torch
 from attacks.membership import (LatentFitAttack, MonteCarloAttack, NearestSampleAttack, ReferenceCalibrated,
                                 membership_game)
 from attacks.mia_metrics import membership_metrics, point_metrics
-from federation.client import seeded_generator
+from federation.rng import seeded_generator
 from federation.data.sources import load_split, resolve_source
 from federation.models import VAE
 from federation.training import to_tensor, train_epochs
@@ -29,8 +29,7 @@ def digits():
 
 
 def _decoder(data: torch.Tensor, epochs: int, seed: int = 0):
-    torch.manual_seed(seed)
-    vae = VAE(SPEC)
+    vae = VAE(SPEC, torch.Generator().manual_seed(seed))
     train_epochs(vae, torch.optim.Adam(vae.parameters(), lr=2e-3), data, epochs, 32, 1.0,
                  torch.Generator().manual_seed(seed))
     return vae.decoder.eval().requires_grad_(False)

@@ -126,7 +126,7 @@ def test_lower_never_exceeds_upper_on_random_mlps(decoder_and_dim):
 ])
 def test_lower_never_exceeds_upper_on_project_decoders(spec):
     torch.manual_seed(0)
-    decoder = build_decoder(spec)
+    decoder = build_decoder(spec, torch.Generator().manual_seed(0))
     candidates = torch.randn(5, 2) * 3
     result = lipschitz_bracket(decoder, 2, candidate_latents=candidates, **CHEAP)
     assert 0.0 < result["lower"] <= result["upper"] * (1 + SLACK)
@@ -180,7 +180,7 @@ def _converge_spectral_norm(decoder: nn.Module, latent_dim: int, forwards: int =
 
 def test_spectral_norm_mlp_upper_bound_is_the_activation_product():
     torch.manual_seed(0)
-    decoder = build_decoder({"arch": "mlp", "latent_dim": 2, "hidden": [64, 32], "spectral_norm": True})
+    decoder = build_decoder({"arch": "mlp", "latent_dim": 2, "hidden": [64, 32], "spectral_norm": True}, torch.Generator().manual_seed(0))
     _converge_spectral_norm(decoder, 2)
     result = lipschitz_bracket(decoder, 2, **CHEAP)
     linear = [f["lipschitz"] for f in result["layer_norms"] if f["kind"] == "linear"]
@@ -193,7 +193,7 @@ def test_spectral_norm_conv_linear_layers_are_normalized_but_convs_are_measured(
     """spectral_norm normalizes a ConvTranspose2d's reshaped kernel, not the convolution operator, so
     the conv factors are whatever the exact operator norm is (not necessarily 1)."""
     torch.manual_seed(0)
-    decoder = build_decoder({"arch": "conv", "latent_dim": 2, "channels": [4, 8], "fc": 16, "spectral_norm": True})
+    decoder = build_decoder({"arch": "conv", "latent_dim": 2, "channels": [4, 8], "fc": 16, "spectral_norm": True}, torch.Generator().manual_seed(0))
     _converge_spectral_norm(decoder, 2)
     factors = lipschitz_upper_bound(decoder, 2)["layer_norms"]
     linear = [f["lipschitz"] for f in factors if f["type"] == "ParametrizedLinear"]
@@ -205,7 +205,7 @@ def test_spectral_norm_conv_linear_layers_are_normalized_but_convs_are_measured(
 
 def test_bracket_leaves_modes_and_spectral_state_untouched():
     torch.manual_seed(0)
-    decoder = build_decoder({"arch": "mlp", "latent_dim": 2, "hidden": [16, 8], "spectral_norm": True})
+    decoder = build_decoder({"arch": "mlp", "latent_dim": 2, "hidden": [16, 8], "spectral_norm": True}, torch.Generator().manual_seed(0))
     decoder.train()
     before = {k: v.clone() for k, v in decoder.state_dict().items()}
     lipschitz_bracket(decoder, 2, **CHEAP)
@@ -218,7 +218,7 @@ def test_bracket_leaves_modes_and_spectral_state_untouched():
 # ---------------------------------------------------------------- determinism and errors
 def test_same_seed_same_result():
     torch.manual_seed(0)
-    decoder = build_decoder({"arch": "mlp", "latent_dim": 2, "hidden": [64, 32]})
+    decoder = build_decoder({"arch": "mlp", "latent_dim": 2, "hidden": [64, 32]}, torch.Generator().manual_seed(0))
     first = lipschitz_bracket(decoder, 2, seed=7, **CHEAP)
     assert lipschitz_bracket(decoder, 2, seed=7, **CHEAP) == first
     assert lipschitz_bracket(decoder, 2, seed=8, **CHEAP)["lower_by_source"] != first["lower_by_source"]

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from alignfl_audit.config import from_dict
 from conftest import tiny_config
 from federation.errors import ConfigError
+from federation import models
 from federation.models import VAE
 from federation.privacy.bookkeeping import LinearBookkeeper, resolve_grad_sample_mode
 from federation.privacy.clipping import adjusted_noise_multiplier
@@ -46,8 +47,7 @@ def trainer_for(model_spec: dict, mode: str = "bk", clipping: str = "fixed", sig
                 seed: int = 0) -> DPTrainer:
     """As ``make_trainer`` in test_privacy_clipping, for any model spec: the config refuses sigma = 0,
     so the spec validates with 1.0 and the plan (which the trainer uses) carries ``sigma``."""
-    torch.manual_seed(seed)
-    vae = VAE(model_spec)
+    vae = VAE(model_spec, torch.Generator().manual_seed(seed))
     spec = PrivacySpec(mechanism="dp-sgd", noise_multiplier=sigma or 1.0, clipping=clipping, max_grad_norm=bound,
                        grad_sample_mode=mode, scope=scope, unclipped_num_std=unclipped_num_std).validate()
     plan = DPPlan(sample_rate=q, noise_multiplier=sigma, steps_per_epoch=int(1 / q),
@@ -75,7 +75,7 @@ def spy_step(trainer: DPTrainer, x: torch.Tensor, eps: torch.Tensor | None) -> d
 
     with pytest.MonkeyPatch.context() as mp:
         if eps is not None:
-            mp.setattr(torch, "randn_like", lambda t, **kw: eps.to(t.dtype).clone())
+            mp.setattr(models, "reparameterization_noise", lambda t, g: eps.to(t.dtype).clone())
         mp.setattr(trainer.adam, "step", adam_step)
         mp.setattr(trainer.rule, "bound", bound)
         if trainer.encoder_optimizer is not None:

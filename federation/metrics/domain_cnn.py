@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from federation.client import seeded_generator
+from federation.rng import DOMAIN_CNN_INIT, DOMAIN_CNN_TRAIN, init_parameters, seeded_generator
 
 
 class SmallCNN(nn.Module):
@@ -28,10 +28,9 @@ class SmallCNN(nn.Module):
 
 def fit_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, epochs: int, seed: int,
                    batch_size: int = 128, lr: float = 1e-3) -> SmallCNN:
-    torch.manual_seed(int(seeded_generator(seed, 7).initial_seed()))
-    net = SmallCNN(n_classes)
+    net = init_parameters(SmallCNN(n_classes), seeded_generator(seed, DOMAIN_CNN_INIT))
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    gen = seeded_generator(seed, 8)
+    gen = seeded_generator(seed, DOMAIN_CNN_TRAIN)
     net.train()
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
@@ -63,7 +62,7 @@ def cache_dir() -> Path:
 def domain_cnn(dataset: str, train_x: torch.Tensor, train_y: torch.Tensor, data_digest: str, seed: int,
                epochs: int) -> SmallCNN:
     """Train (or load from cache) the domain CNN of ``dataset``."""
-    key = hashlib.sha256(f"{dataset}|{data_digest}|{seed}|{epochs}|v1".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{dataset}|{data_digest}|{seed}|{epochs}|v2".encode()).hexdigest()[:16]
     path = cache_dir() / "domain-cnn" / f"{dataset}-{key}.pt"
     net = SmallCNN(10)
     if path.is_file():

@@ -113,17 +113,15 @@ class DPTrainer:
                                   if spec.scope == "decoder" else None)
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue bit-identically (the Poisson sampler draws from
-        the client's generator, saved by the client)."""
+        """What the next round continues from: the optimizers and the clip bound. The generators are
+        not state: a client derives them from (seed, client, round) every round."""
         return {"adam": self.adam.state_dict(), "clip_bound": self.clip_bound,
-                "encoder_optimizer": self.encoder_optimizer.state_dict() if self.encoder_optimizer else None,
-                "noise_generator": self.noise_generator.get_state()}
+                "encoder_optimizer": self.encoder_optimizer.state_dict() if self.encoder_optimizer else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.adam.load_state_dict(state["adam"])
         if self.encoder_optimizer is not None:
             self.encoder_optimizer.load_state_dict(state["encoder_optimizer"])
-        self.noise_generator.set_state(state["noise_generator"])
         if self.uses_rule:
             self.rule.current = float(state["clip_bound"])
             if self.mode == "ghost":
@@ -140,9 +138,9 @@ class DPTrainer:
         with ``scope: decoder``)."""
         if self.spec.scope == "full":
             x = x.detach().requires_grad_(self.mode == "ghost")
-            recon, mu, logvar = self.module(x)
+            recon, mu, logvar = self.module(x, generator=self.generator)
             return vae_loss_per_sample(x, recon, mu, logvar, self.lambda_kl), x
-        recon, mu, logvar, z = self.vae.forward_with_latent(x, decoder=self.module)
+        recon, mu, logvar, z = self.vae.forward_with_latent(x, self.generator, decoder=self.module)
         return vae_loss_per_sample(x, recon, mu, logvar, self.lambda_kl), z
 
     def _noise_only_step(self) -> None:

@@ -143,5 +143,8 @@ def ledger_epsilons(ledger: dict) -> dict:
         out["epsilon_withheld"] = led.note
         return out
     for cid in led.client_ids():
+        if str(cid) in led.unaccounted:  # some of its spend could not be read: no epsilon, never an under-count
+            out.setdefault("unaccounted", {})[str(cid)] = led.unaccounted[str(cid)]
+            continue
         out["clients"][str(cid)] = epsilons(led.history(cid), led.delta)
     return out

@@ -1,10 +1,14 @@
 """The privacy ledger: every DP-SGD round of every client, as it happened.
 
-Accounting is a pure function of these records (``alignfl_audit.accounting``); the trainer
-never reports an epsilon of its own."""
+Each client records its own DP events and sends them with its reply; the server merges them here, in
+(client, round) order, so the ledger does not depend on the order replies arrived in. Accounting is a
+pure function of these records (``alignfl_audit.accounting``); the trainer never reports an epsilon of
+its own."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+FORMAT = "alignfl-ledger/2"
 
 
 @dataclass
@@ -30,9 +34,17 @@ class PrivacyLedger:
     target_epsilon: float | None = None
     clients: dict = field(default_factory=dict)  # client id (str) -> {"n": records, "noise_multiplier": sigma}
     events: list[DPEvent] = field(default_factory=list)
+    # client id (str) -> why some of its DP spend could not be read (a rejected reply with an unreadable
+    # report): its epsilon is withheld, never under-counted
+    unaccounted: dict = field(default_factory=dict)
 
     def record(self, event: DPEvent) -> None:
         self.events.append(event)
+
+    def merge(self, events: list[DPEvent], unaccounted: dict[int, str] | None = None) -> None:
+        self.events = sorted(self.events + list(events), key=lambda e: (e.client, e.round))
+        for client, reason in (unaccounted or {}).items():
+            self.unaccounted.setdefault(str(client), reason)
 
     def history(self, client: int) -> list[tuple[float, float, int]]:
         """(noise multiplier, sampling rate, steps) per event, in order: the accountants' input."""
@@ -42,10 +54,10 @@ class PrivacyLedger:
         return sorted({e.client for e in self.events} | {int(c) for c in self.clients})
 
     def to_json(self) -> dict:
-        return {**{k: v for k, v in asdict(self).items() if k != "events"},
-                "events": [asdict(e) for e in self.events]}
+        return {"format": FORMAT, **{k: v for k, v in asdict(self).items() if k != "events"},
+                "events": [asdict(e) for e in sorted(self.events, key=lambda e: (e.client, e.round))]}
 
     @classmethod
     def from_json(cls, data: dict) -> "PrivacyLedger":
         events = [DPEvent(**e) for e in data.get("events", [])]
-        return cls(**{k: v for k, v in data.items() if k != "events"}, events=events)
+        return cls(**{k: v for k, v in data.items() if k not in ("events", "format")}, events=events)

@@ -1,101 +1,136 @@
-"""A stateful federated client: it keeps its whole VAE and optimizer across rounds."""
+"""A federated client: its private setup, its state between messages, and one round of local training.
+
+A client is rebuilt for every message from its setup (id, private records, model spec, recipe,
+privacy plan) and its saved state (``Client.state_dict``: the VAE, the optimizers, the DP trainer's
+clip bound, its own DP events, whether its budget is spent). Its random streams are derived from
+(seed, client, round), so a client rebuilt in a fresh process, or run in any order beside other
+clients, trains exactly as a long-lived one would. Both engines go through this same path.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from federation.latent_gmm import ARTIFACT, fit_latent_gmm
-from federation.messages import Upload
+from federation.messages import Payload
 from federation.models import VAE
 from federation.privacy.budget import spent_epsilon
 from federation.privacy.dp_sgd import DPPlan, DPTrainer
-from federation.privacy.ledger import DPEvent, PrivacyLedger
+from federation.privacy.ledger import DPEvent
 from federation.privacy.spec import PrivacySpec
+from federation.rng import CLIENT_DP_NOISE, CLIENT_INIT, CLIENT_TRAIN, LATENT_GMM, int_seed, seeded_generator
 from federation.training import TrainSettings, encode_mu, train_epochs
 
+STATE_FORMAT = "alignfl-client-state/1"
 
-def seeded_generator(*parts: int) -> torch.Generator:
-    seed = 0
-    for p in parts:
-        seed = (seed * 1_000_003 + int(p)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
+
+@dataclass
+class ClientSetup:
+    """What a client knows before its first message. ``data`` never leaves the client."""
+
+    client: int
+    data: torch.Tensor
+    spec: dict
+    settings: TrainSettings
+    seed: int
+    privacy: PrivacySpec
+    dp_plan: DPPlan | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.data)
 
 
 class Client:
-    def __init__(self, client_id: int, spec: dict, data: torch.Tensor, settings: TrainSettings, seed: int,
-                 privacy: PrivacySpec | None = None, dp_plan: DPPlan | None = None,
-                 ledger: PrivacyLedger | None = None):
-        self.id = client_id
-        self.data = data  # private: never leaves this object except through its decoder upload
-        self.settings = settings
-        self.seed = seed
-        self.privacy = privacy or PrivacySpec()
-        self.ledger = ledger
-        self.round = 0
+    """One client, as it stands at the start of round ``rnd``."""
+
+    def __init__(self, setup: ClientSetup, state: dict | None, rnd: int):
+        self.setup = setup
+        self.id = setup.client
+        self.round = rnd
+        s = setup.settings
+        self.vae = VAE(setup.spec, seeded_generator(setup.seed, CLIENT_INIT, self.id) if state is None else None)
+        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=s.lr)
+        self.generator = seeded_generator(setup.seed, CLIENT_TRAIN, self.id, rnd)
+        self.events: list[DPEvent] = []
         self.budget_exhausted = False
-        torch.manual_seed(int(seeded_generator(seed, 1, client_id).initial_seed()))
-        self.vae = VAE(spec)
-        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=settings.lr)
-        self.generator = seeded_generator(seed, 2, client_id)
         self.dp: DPTrainer | None = None
-        if self.privacy.is_dp:
-            self.dp = DPTrainer(self.vae, self.privacy, dp_plan, settings.lr, settings.lambda_kl, len(data),
-                                self.generator, seeded_generator(seed, 5, client_id))
+        if setup.privacy.is_dp:
+            self.dp = DPTrainer(self.vae, setup.privacy, setup.dp_plan, s.lr, s.lambda_kl, setup.num_samples,
+                                self.generator, seeded_generator(setup.seed, CLIENT_DP_NOISE, self.id, rnd))
+        if state is not None:
+            self.load_state_dict(state)
 
-    def train_round(self, prox_mu: float = 0.0, prox_ref: dict | None = None,
-                    federation_round: int | None = None) -> float | None:
-        """One round of local training; returns the last epoch's mean loss, or None when the client's
-        DP budget would be overrun (it then trains no more). ``federation_round`` labels the DP events
-        (a client that skipped rounds has trained fewer rounds than the federation has run)."""
-        rnd = self.round if federation_round is None else federation_round
-        self.round += 1
-        if self.dp is not None:
-            return self._train_round_dp(rnd)
-        lcd = self.privacy.lcd_lambda if self.privacy.mechanism == "lcd" else 0.0
-        return train_epochs(self.vae, self.optimizer, self.data, self.settings.local_epochs,
-                            self.settings.batch_size, self.settings.lambda_kl, self.generator,
-                            prox_mu, prox_ref, lcd_lambda=lcd)
-
-    def _train_round_dp(self, rnd: int) -> float | None:
-        plan = self.dp.plan
-        planned = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_epoch * self.settings.local_epochs)
-        target = self.privacy.target_epsilon
-        if self.budget_exhausted or (target is not None and spent_epsilon(
-                self.privacy, self.ledger.history(self.id) + [planned]) > target):
-            self.budget_exhausted = True
-            return None
-        start = self.dp.clip_bound
-        loss, steps = self.dp.train_epochs(self.data, self.settings.local_epochs)
-        self.ledger.record(DPEvent(self.id, rnd, plan.sample_rate, plan.noise_multiplier, steps,
-                                   self.privacy.clipping, self.privacy.scope, self.dp.mode,
-                                   start, self.dp.clip_bound))
-        return loss
-
+    # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"round": self.round, "budget_exhausted": self.budget_exhausted, "vae": self.vae.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "dp": self.dp.state_dict() if self.dp is not None else None}
+        """Tensors and plain values only (a checkpoint or a Flower record can hold it)."""
+        def copy(obj):
+            if isinstance(obj, torch.Tensor):
+                return obj.detach().clone()
+            if isinstance(obj, dict):
+                return {k: copy(v) for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(copy(v) for v in obj)
+            return obj
+
+        return copy({"format": STATE_FORMAT, "vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "dp": self.dp.state_dict() if self.dp is not None else None,
+                     "events": [vars(e).copy() for e in self.events], "budget_exhausted": self.budget_exhausted})
 
     def load_state_dict(self, state: dict) -> None:
-        self.round, self.budget_exhausted = int(state["round"]), bool(state["budget_exhausted"])
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"client state is not {STATE_FORMAT}")
         self.vae.load_state_dict(state["vae"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
         if self.dp is not None:
             self.dp.load_state_dict(state["dp"])
+        self.events = [DPEvent(**e) for e in state["events"]]
+        self.budget_exhausted = bool(state["budget_exhausted"])
 
-    def decoder_upload(self, rnd: int, gmm_components: int = 0) -> Upload:
-        """ALIGN-FL's message: the decoder and its spec (plus a latent GMM only when configured)."""
+    # ------------------------------------------------------------------------------ training
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer over the current weights (FedAvg's clients start each round anew)."""
+        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=self.setup.settings.lr)
+
+    def train_round(self, prox_mu: float = 0.0, prox_ref: dict | None = None) -> tuple[float | None, list[DPEvent]]:
+        """One round of local training: (the last epoch's mean loss, the DP events it spent). The loss is
+        None when the client's DP budget would be overrun: it then trains no more."""
+        if self.dp is not None:
+            return self._train_round_dp()
+        s, privacy = self.setup.settings, self.setup.privacy
+        lcd = privacy.lcd_lambda if privacy.mechanism == "lcd" else 0.0
+        loss = train_epochs(self.vae, self.optimizer, self.setup.data, s.local_epochs, s.batch_size, s.lambda_kl,
+                            self.generator, prox_mu, prox_ref, lcd_lambda=lcd)
+        return loss, []
+
+    def _train_round_dp(self) -> tuple[float | None, list[DPEvent]]:
+        plan, privacy = self.dp.plan, self.setup.privacy
+        planned = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_epoch * self.setup.settings.local_epochs)
+        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.events]
+        target = privacy.target_epsilon
+        if self.budget_exhausted or (target is not None and spent_epsilon(privacy, history + [planned]) > target):
+            self.budget_exhausted = True
+            return None, []
+        start = self.dp.clip_bound
+        loss, steps = self.dp.train_epochs(self.setup.data, self.setup.settings.local_epochs)
+        event = DPEvent(self.id, self.round, plan.sample_rate, plan.noise_multiplier, steps, privacy.clipping,
+                        privacy.scope, self.dp.mode, start, self.dp.clip_bound)
+        self.events.append(event)
+        return loss, [event]
+
+    # ------------------------------------------------------------------------------ what can leave
+    def decoder_payload(self, gmm_components: int = 0) -> Payload:
+        """ALIGN-FL's uplink: the decoder and its spec (plus a latent GMM only when configured)."""
         extras = {}
         if gmm_components:
-            extras[ARTIFACT] = fit_latent_gmm(encode_mu(self.vae, self.data), gmm_components,
-                                              seed=self.seed * 100 + self.id)
-        state = {k: v.clone() for k, v in self.vae.decoder.state_dict().items()}
-        return Upload(self.id, rnd, "decoder", dict(self.vae.spec), state, len(self.data), extras)
+            seed = int_seed(seeded_generator(self.setup.seed, LATENT_GMM, self.id, self.round))
+            extras[ARTIFACT] = fit_latent_gmm(encode_mu(self.vae, self.setup.data), gmm_components, seed=seed)
+        return Payload("decoder", dict(self.vae.spec), dict(self.vae.decoder.state_dict()), extras)
 
-    def full_upload(self, rnd: int) -> Upload:
-        """FedAvg/FedProx's message: the whole VAE."""
-        state = {k: v.clone() for k, v in self.vae.state_dict().items()}
-        return Upload(self.id, rnd, "vae", dict(self.vae.spec), state, len(self.data))
+    def vae_payload(self) -> Payload:
+        """FedAvg/FedProx's uplink: the whole VAE."""
+        return Payload("vae", dict(self.vae.spec), dict(self.vae.state_dict()))
 
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
         self.vae.load_state_dict(state)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from federation.client import seeded_generator
+from federation.rng import seeded_generator
 from federation.metrics.domain_cnn import SmallCNN, features, predict
 from federation.metrics.fid import frechet_distance
 from federation.metrics.figures import latent_scatter, sample_grid

@@ -1,38 +1,73 @@
-"""Centralized upper reference: the same VAE trained on the pooled client data (outliers included).
-Nothing is shared. The orchestrator hands it a single pooled "client" whose local epochs are the
-reference's epochs; it runs as one round."""
+"""Centralized upper reference: the same VAE trained on the pooled client data (outliers included),
+where the data are, in one round of ``strategy.epochs`` epochs. There is no federation: no message is
+sent, nothing is shared, and the strategy takes no ``server:`` settings."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from federation.client import Client
+from federation.errors import ConfigError
+from federation.messages import Downlink, Uplink
+from federation.strategies.base import Aggregate, ClientHandler, Strategy
 from federation.training import TrainSettings
 
 
-class Centralized:
+@dataclass
+class CentralizedSettings:
+    name: str = "centralized"
+    epochs: int = 10  # epochs over the pooled client data
+
+
+class Centralized(Strategy):
     name = "centralized"
-    shared_artifacts: list[str] = []
-    rounds = 1
+    Settings = CentralizedSettings
+    ServerSettings = None
 
-    def __init__(self, clients: list[Client], settings: TrainSettings, server_spec: dict, seed: int, **_):
-        (self.model,) = clients
+    def __init__(self, settings, server, ctx):
+        super().__init__(settings, server, ctx)
+        self.model: Client | None = None
 
-    def run_round(self, rnd: int, shared_dir: Path, tick=lambda msg: None) -> dict:
-        tick("centralized training")
-        return {"round": rnd, "rejected": {}, "server_loss": self.model.train_round()}
+    @classmethod
+    def check(cls, settings: CentralizedSettings, server, n_clients: int) -> None:
+        if settings.epochs <= 0:
+            raise ConfigError(f"strategy.epochs must be > 0, got {settings.epochs}")
 
-    def state_dict(self) -> dict:
+    @classmethod
+    def training_units(cls, settings: CentralizedSettings, training: TrainSettings, specs, tensors):
+        pooled = dataclasses.replace(training, rounds=1, local_epochs=settings.epochs)
+        return [(specs[0], torch.cat(tensors), pooled)]
+
+    @classmethod
+    def client_handler(cls, settings, server) -> ClientHandler:
+        raise TypeError("the centralized reference has no clients to message")
+
+    @property
+    def rounds(self) -> int:
+        return 1
+
+    @property
+    def shared_artifacts(self) -> list[str]:
+        return []
+
+    def configure_round(self, rnd: int, available: list[int]) -> dict[int, Downlink]:
         return {}
 
+    def aggregate_round(self, rnd: int, replies: list[Uplink]) -> Aggregate:
+        self.model = Client(self.ctx.pooled, None, rnd)
+        loss, events = self.model.train_round()
+        return Aggregate(loss, {}, events)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict() if self.model is not None else None}
+
     def load_state_dict(self, state: dict, shared_root: Path) -> None:
-        pass
+        if state["model"] is not None:
+            self.model = Client(self.ctx.pooled, state["model"], 1)
 
     @property
     def global_vae(self):
         return self.model.vae
-
-    def client_decoders(self) -> dict:
-        return {}
-
-    def synthetic_set(self):
-        return None

@@ -20,10 +20,14 @@ from federation.data.partition import PartitionSpec
 from federation.data.sources import OTHER_DATASET, check_dataset_name
 from federation.errors import ConfigError, DataError
 from federation.models import normalize_spec
+from federation.engines import ENGINES, engine_settings_class
 from federation.privacy.spec import PrivacySpec
+from federation.strategies import STRATEGIES, strategy_class
+from federation.strategies.alignfl import AlignFLServerSettings, AlignFLSettings
+from federation.engines.inprocess import InProcessSettings
 from federation.training import TrainSettings
 
-STRATEGIES = ("alignfl", "fedavg", "fedprox", "centralized")
+CONFIG_FORMAT = "alignfl-config/2"  # config.resolved.yaml of runs written before formats existed: version 1
 
 
 @dataclass
@@ -32,23 +36,6 @@ class DataConfig:
     root: typing.Optional[str] = None
     download: bool = False
     allow_embedded: bool = True
-
-
-@dataclass
-class ServerConfig:
-    samples_per_client: int = 1000
-    epochs: int = 5
-    sampling: str = "prior"  # prior | gmm (gmm shares an extra artifact: a latent GMM per client)
-    gmm_components: int = 10
-    participation: float = 1.0  # per-round probability that a client takes part (client dropout)
-    model: typing.Optional[dict] = None  # default: the clients' default model
-
-
-@dataclass
-class StrategyConfig:
-    name: str = "alignfl"
-    mu: float = 0.01  # fedprox proximal weight
-    epochs: int = 10  # centralized reference: epochs over the pooled client data
 
 
 @dataclass
@@ -93,8 +80,11 @@ class ExperimentConfig:
     model: dict = field(default_factory=lambda: {"arch": "mlp", "latent_dim": 2, "hidden": [512, 256, 128]})
     clients: typing.Optional[list] = None  # per-client model specs; default: every client uses `model`
     training: TrainSettings = field(default_factory=TrainSettings)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    # the strategy's own sections: `strategy` (tagged by name) and `server` (None: no federation);
+    # `engine` (tagged by name) carries the messages. See federation/strategies and federation/engines.
+    strategy: typing.Any = field(default_factory=AlignFLSettings)
+    server: typing.Any = field(default_factory=AlignFLServerSettings)
+    engine: typing.Any = field(default_factory=InProcessSettings)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     audit: AuditConfig = field(default_factory=AuditConfig)
@@ -120,11 +110,16 @@ class ExperimentConfig:
             specs = [{**s, "spectral_norm": True} for s in specs]
         return specs
 
+    @property
+    def strategy_class(self):
+        return strategy_class(self.strategy.name)
+
     def server_spec(self) -> dict:
-        return normalize_spec(self.server.model if self.server.model is not None else self.model)
+        model = getattr(self.server, "model", None)
+        return normalize_spec(model if model is not None else self.model)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"format": CONFIG_FORMAT, **dataclasses.asdict(self)}
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
@@ -141,26 +136,18 @@ class ExperimentConfig:
         for path, value in (("training.rounds", self.training.rounds),
                             ("training.local_epochs", self.training.local_epochs),
                             ("training.batch_size", self.training.batch_size),
-                            ("server.samples_per_client", self.server.samples_per_client),
-                            ("server.epochs", self.server.epochs),
-                            ("server.gmm_components", self.server.gmm_components),
-                            ("strategy.epochs", self.strategy.epochs),
                             ("metrics.fid_samples", self.metrics.fid_samples),
                             ("metrics.domain_cnn_epochs", self.metrics.domain_cnn_epochs),
                             ("metrics.tstr_epochs", self.metrics.tstr_epochs),
                             ("metrics.probe_max_iter", self.metrics.probe_max_iter)):
             if value <= 0:
                 raise ConfigError(f"{path} must be > 0, got {value}")
-        for path, value in (("training.lr", self.training.lr), ("training.lambda_kl", self.training.lambda_kl),
-                            ("strategy.mu", self.strategy.mu)):
+        for path, value in (("training.lr", self.training.lr), ("training.lambda_kl", self.training.lambda_kl)):
             if not value >= 0 or (path == "training.lr" and value == 0):
                 raise ConfigError(f"{path} must be {'> 0' if path == 'training.lr' else '>= 0'}, got {value}")
-        if not 0 < self.server.participation <= 1:
-            raise ConfigError(f"server.participation must be in (0, 1], got {self.server.participation}")
-        if self.server.sampling not in ("prior", "gmm"):
-            raise ConfigError(f"server.sampling must be prior or gmm, not {self.server.sampling!r}")
-        if self.strategy.name not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.strategy.name!r}; choose one of {list(STRATEGIES)}")
+        cls = self.strategy_class
+        cls.check(self.strategy, self.server, self.partition.n_clients)
+        self.engine.check()
         if self.clients is not None:
             if not isinstance(self.clients, list) or len(self.clients) != self.partition.n_clients:
                 raise ConfigError(f"clients must list one model spec per client ({self.partition.n_clients})")
@@ -168,18 +155,19 @@ class ExperimentConfig:
                 raise ConfigError("each entry of clients must be a model spec mapping")
         self.privacy.validate()
         _check_audit(self.audit)
-        if self.audit.enabled and self.strategy.name == "centralized":
-            raise ConfigError("audit: the centralized reference shares no decoder, so there is nothing to audit; "
-                              "set audit: false or pass --no-audit")
-        if self.privacy.mechanism != "none" and self.strategy.name in ("fedavg", "fedprox"):
-            raise ConfigError(f"privacy.mechanism {self.privacy.mechanism!r} is implemented for the alignfl and "
-                              f"centralized strategies, not {self.strategy.name}")
+        if self.audit.enabled and not cls.federated():
+            raise ConfigError(f"audit: the {cls.name} strategy shares nothing (it has no federation), so there is "
+                              "nothing to audit; set audit: false or pass --no-audit")
+        if self.privacy.mechanism not in cls.privacy_mechanisms:
+            supported = [n for n, c in STRATEGIES.items() if self.privacy.mechanism in c.privacy_mechanisms]
+            raise ConfigError(f"privacy.mechanism {self.privacy.mechanism!r} is implemented for the "
+                              f"{', '.join(supported)} strategies, not {cls.name}")
         specs = self.client_specs()
         self.server_spec()
         if self.privacy.is_dp and self.privacy.grad_sample_mode == "bk":
             _check_bk(self.privacy, specs)
-        if self.strategy.name in ("fedavg", "fedprox") and any(s != specs[0] for s in specs):
-            raise ConfigError(f"{self.strategy.name} averages parameters and needs one architecture for all "
+        if cls.same_architecture and any(s != specs[0] for s in specs):
+            raise ConfigError(f"{cls.name} averages parameters and needs one architecture for all "
                               "clients; the clients list differs")
         return self
 
@@ -261,14 +249,19 @@ def _coerce(value, hint, path: str):
     return value
 
 
-def _build(cls, data, path: str):
+def _build(cls, data, path: str, owner: str | None = None):
+    """``owner`` names who declares the section (a strategy, an engine): a key it does not declare is
+    refused as a setting that does not apply to it."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'the config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
+    if unknown and owner:
+        allowed = ", ".join(sorted(names - {"name"})) or "none"
+        raise ConfigError(f"{path}.{unknown[0]} does not apply to {owner}; its {path} settings are: {allowed}")
     if unknown:
         where = f" in {path}" if path else ""
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}{where}; "
@@ -277,8 +270,39 @@ def _build(cls, data, path: str):
     return cls(**kwargs)
 
 
+def _tagged(data, path: str, default: str, names: list[str]) -> str:
+    if data is None:
+        return default
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping, got {type(data).__name__}")
+    name = data.get("name", default)
+    if name not in names:
+        raise ConfigError(f"unknown {path} {name!r}; choose one of {names}")
+    return name
+
+
 def from_dict(data: dict) -> ExperimentConfig:
-    return _build(ExperimentConfig, data, "").validate()
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping, got {type(data).__name__}")
+    data = dict(data)
+    if data.pop("format", CONFIG_FORMAT) != CONFIG_FORMAT:
+        raise ConfigError(f"this config was written in another format; this version reads {CONFIG_FORMAT}")
+    raw_strategy, raw_server, raw_engine = data.pop("strategy", None), data.pop("server", None), data.pop("engine", None)
+    cfg = _build(ExperimentConfig, data, "")
+    cls = strategy_class(_tagged(raw_strategy, "strategy", "alignfl", list(STRATEGIES)))
+    owner = f"the {cls.name} strategy"
+    cfg.strategy = _build(cls.Settings, raw_strategy, "strategy", owner)
+    if cls.ServerSettings is None:
+        if raw_server:
+            key = next(iter(raw_server)) if isinstance(raw_server, dict) else None
+            raise ConfigError(f"server{'.' + str(key) if key else ''} does not apply to {owner}: it has no federation "
+                              "(no server, no rounds of messages); remove the server section")
+        cfg.server = None
+    else:
+        cfg.server = _build(cls.ServerSettings, raw_server, "server", owner)
+    engine = _tagged(raw_engine, "engine", "inprocess", list(ENGINES))
+    cfg.engine = _build(engine_settings_class(engine), raw_engine, "engine", f"the {engine} engine")
+    return cfg.validate()
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
@@ -313,4 +337,30 @@ def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentCo
 
 def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------ configs of earlier runs
+_V1_STRATEGY_KEYS = {"alignfl": (), "fedavg": (), "fedprox": ("mu",), "centralized": ("epochs",)}
+_V1_SERVER_KEYS = {"alignfl": ("samples_per_client", "epochs", "sampling", "gmm_components", "participation", "model"),
+                   "fedavg": ("samples_per_client", "participation"),
+                   "fedprox": ("samples_per_client", "participation"), "centralized": None}
+
+
+def migrate_config(data: dict) -> dict:
+    """A resolved config as written before config formats (version 1) -> the current form. Version 1
+    gave every strategy every key, and ignored those that did not apply; they are dropped here, which is
+    exactly what that run did with them."""
+    if not isinstance(data, dict) or "format" in data:
+        return data
+    data = dict(data)
+    strategy = dict(data.get("strategy") or {})
+    name = strategy.get("name", "alignfl")
+    if name in _V1_STRATEGY_KEYS:
+        data["strategy"] = {"name": name, **{k: strategy[k] for k in _V1_STRATEGY_KEYS[name] if k in strategy}}
+        keys = _V1_SERVER_KEYS[name]
+        server = data.pop("server", None) or {}
+        if keys is not None:
+            data["server"] = {k: server[k] for k in keys if k in server}
+    data["format"] = CONFIG_FORMAT
+    return data
 

@@ -61,8 +61,52 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 def tiny_config(**overrides) -> dict:
     """A config dict for ``from_dict`` on the embedded subset; nested dicts are merged, e.g.
-    ``tiny_config(seed=1, strategy={"name": "fedavg"})``."""
-    return _merge(TINY_CONFIG, overrides)
+    ``tiny_config(seed=1, strategy={"name": "fedavg"})``. The base's ``server`` keys that the chosen
+    strategy does not declare are left out (keys given in ``overrides`` are always kept)."""
+    import dataclasses
+
+    from federation.strategies import STRATEGIES
+
+    out = _merge(TINY_CONFIG, overrides)
+    cls = STRATEGIES.get(out.get("strategy", {}).get("name"))
+    if cls is not None:
+        declared = {f.name for f in dataclasses.fields(cls.ServerSettings)} if cls.ServerSettings else set()
+        given = set(overrides.get("server") or {})
+        server = {k: v for k, v in out.get("server", {}).items() if k in declared or k in given}
+        if server or cls.ServerSettings is not None:
+            out["server"] = server
+        else:
+            out.pop("server", None)
+    return out
+
+
+class Federation:
+    """A strategy and the in-process engine exactly as the orchestrator builds them, without a run
+    directory: ``round(r)`` runs round r, writing its messages under ``root/round-r``."""
+
+    def __init__(self, cfg_dict: dict, root):
+        from alignfl_audit.config import from_dict
+        from alignfl_audit.orchestrate import build_strategy, inprocess_engine, prepare
+
+        self.cfg = from_dict(cfg_dict)
+        _, _, self.setups = prepare(self.cfg)
+        self.strategy = build_strategy(self.cfg, self.setups)
+        self.engine = inprocess_engine(self.cfg, self.setups)
+        self.root = root
+
+    def round(self, rnd: int):
+        from federation.rounds import run_round
+        from federation.strategies.base import departures
+
+        record, _ = run_round(rnd, self.strategy, self.engine, self.root / f"round-{rnd}",
+                              departures(self.cfg.server), self.strategy.ctx.client_ids)
+        return record
+
+    def client(self, k: int, rnd: int):
+        """Client k as its saved state stands before round ``rnd``."""
+        from federation.client import Client
+
+        return Client(self.setups[k], self.engine.states[k], rnd)
 
 
 @pytest.fixture(scope="session", autouse=True)

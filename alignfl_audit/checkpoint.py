@@ -1,6 +1,8 @@
-"""Crash-resume: after every round, everything needed to continue is written atomically to
-``checkpoints/latest.pt`` (write, then rename): every client's model, optimizer, DP-trainer and RNG
-state, the server's, the global torch RNG, the privacy ledger and the rows written so far.
+"""Crash-resume of an in-process run: after every round, everything needed to continue is written
+atomically to ``checkpoints/latest.pt`` (write, then rename): every client's saved state and the replies
+still in flight (the engine's), the server's state (the strategy's), the privacy ledger's events and the
+round records so far. Random streams are derived from (seed, client, round), so there is no generator
+state to save.
 
 Checkpoints never leave the run directory and are never read by attacks/. They hold only tensors and
 plain containers, and are read back with ``torch.load(weights_only=True)``: no arbitrary unpickling.
@@ -12,21 +14,23 @@ from pathlib import Path
 
 import torch
 
+from federation import run_layout as layout
 from federation.errors import DataError
 from federation.privacy.ledger import DPEvent
+from federation.rounds import RoundRecord
 
-FORMAT = "alignfl-checkpoint/1"
+FORMAT = "alignfl-checkpoint/2"
 
 
-def save_checkpoint(run, rnd: int, config_sha256: str, clients, strategy, ledger, rows: list, rejected: list) -> Path:
+def save_checkpoint(run, rnd: int, config_sha256: str, strategy, engine, ledger, records: list[RoundRecord]) -> Path:
     state = {"format": FORMAT, "round": rnd, "config_sha256": config_sha256,
-             "clients": [c.state_dict() for c in clients], "strategy": strategy.state_dict(),
-             "torch_rng": torch.get_rng_state(), "ledger_events": [vars(e).copy() for e in ledger.events],
-             "rows": rows, "rejected": rejected}
-    folder = run.file("checkpoints")
+             "engine": engine.state_dict(), "strategy": strategy.state_dict(),
+             "ledger_events": [vars(e).copy() for e in ledger.events], "unaccounted": dict(ledger.unaccounted),
+             "records": [r.to_json() for r in records]}
+    folder = run.file(layout.CHECKPOINTS)
     folder.mkdir(exist_ok=True)
-    path = folder / "latest.pt"
-    tmp = folder / "latest.pt.tmp"
+    path = folder / layout.CHECKPOINT
+    tmp = folder / f"{layout.CHECKPOINT}.tmp"
     with open(tmp, "wb") as fh:
         torch.save(state, fh)
         fh.flush()
@@ -36,7 +40,7 @@ def save_checkpoint(run, rnd: int, config_sha256: str, clients, strategy, ledger
 
 
 def load_checkpoint(run, config_sha256: str) -> dict | None:
-    path = run.file("checkpoints", "latest.pt")
+    path = run.file(layout.CHECKPOINTS, layout.CHECKPOINT)
     if not path.is_file():
         return None
     try:
@@ -44,18 +48,19 @@ def load_checkpoint(run, config_sha256: str) -> dict | None:
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line error
         raise DataError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise DataError(f"{path} is not an {FORMAT} checkpoint")
+        found = state.get("format") if isinstance(state, dict) else None
+        raise DataError(f"{path} is not an {FORMAT} checkpoint" +
+                        (f" (it is {found}, written by an earlier version: start the run again)" if found else ""))
     if state["config_sha256"] != config_sha256:
         raise DataError(f"{path} was written for another config (sha256 {state['config_sha256'][:12]}); "
                         "the run directory's config.resolved.yaml has changed")
     return state
 
 
-def restore(state: dict, clients, strategy, ledger, shared_root: Path) -> tuple[int, list, list]:
-    """Load a checkpoint into freshly built objects; returns (next round, rows, rejected)."""
-    for client, cstate in zip(clients, state["clients"], strict=True):
-        client.load_state_dict(cstate)
+def restore(state: dict, strategy, engine, ledger, shared_root: Path) -> tuple[int, list[RoundRecord]]:
+    """Load a checkpoint into freshly built objects; returns (next round, round records)."""
+    engine.load_state_dict(state["engine"])
     strategy.load_state_dict(state["strategy"], shared_root)
     ledger.events = [DPEvent(**e) for e in state["ledger_events"]]  # exactly the events up to that round
-    torch.set_rng_state(state["torch_rng"])
-    return state["round"] + 1, list(state["rows"]), list(state["rejected"])
+    ledger.unaccounted = dict(state["unaccounted"])
+    return state["round"] + 1, [RoundRecord.from_json(r) for r in state["records"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from federation import run_layout as layout
 from federation.errors import FederationError
 
 PROG = "alignfl-audit"
@@ -62,13 +63,13 @@ def _apply_run_flags(cfg, args) -> None:
 
 
 def _finish(cfg, run) -> int:
-    metrics = run.read_json("metrics.json")
+    metrics = run.read_json(layout.METRICS)
     u = metrics["utility"]
     tstr = "n/a" if u["tstr_accuracy"] is None else f"{u['tstr_accuracy']:.4f}"
     print(f"{run.path}: {metrics['strategy']} probe_accuracy={u['probe_accuracy']:.4f} "
           f"probe_f1={u['probe_f1']:.4f} fid={u['fid']:.2f} (domain-CNN) tstr_accuracy={tstr}")
     if cfg.audit.enabled:
-        _print_audit(run.file("audit.json"))
+        _print_audit(run.file(layout.AUDIT))
     if cfg.report:
         print(f"report: {run.file('report.html')}")
     return 0
@@ -83,7 +84,7 @@ def _epsilon(args: argparse.Namespace) -> int:
     if args.ledger:
         from alignfl_audit.rundir import RunDir
 
-        path = RunDir(args.ledger).file("privacy_ledger.json")
+        path = RunDir(args.ledger).file(layout.LEDGER)
         try:
             result = ledger_epsilons(json.loads(path.read_text()))
         except (OSError, ValueError, TypeError, KeyError) as err:
@@ -123,30 +124,43 @@ def _print_accounting(res: dict, delta: float) -> None:
 def _inspect_upload(args: argparse.Namespace) -> int:
     import json
 
-    from federation.messages import load_upload, parameter_count
+    from federation.messages import Uplink, load_message, parameter_count
 
-    up = load_upload(args.path)  # validates; a rejected upload exits nonzero with the reason
-    encoder = [k for k in up.tensors if k.startswith("encoder")]
-    info = {"path": str(args.path), "client": up.client, "round": up.round, "kind": up.kind, "spec": up.spec,
-            "num_samples": up.num_samples, "parameters": parameter_count(up.tensors),
+    msg = load_message(args.path)  # validates; a rejected message exits nonzero with the reason
+    p = msg.payload
+    encoder = [k for k in p.tensors if k.startswith("encoder")]
+    info = {"path": str(args.path), "direction": msg.direction, "round": msg.round, "kind": p.kind, "spec": p.spec,
+            "parameters": parameter_count(p.tensors),
             "tensors": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                        for k, v in up.tensors.items()],
-            "extra_artifacts": {name: {k: list(v.shape) for k, v in t.items()} for name, t in up.extras.items()},
+                        for k, v in p.tensors.items()],
+            "extra_artifacts": {name: {k: list(v.shape) for k, v in t.items()} for name, t in p.extras.items()},
             "encoder_present": bool(encoder)}
+    if isinstance(msg, Uplink):
+        info.update(client=msg.client, num_samples=msg.num_samples, report=msg.report.to_json())
+    else:
+        info.update(recipients=list(msg.recipients))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{args.path}: valid {up.kind} upload from client {up.client}, round {up.round}")
-    print(f"  architecture: {json.dumps(up.spec)}")
-    print(f"  declares {up.num_samples} training records; {info['parameters']} parameters in {len(up.tensors)} tensors")
+    if isinstance(msg, Uplink):
+        print(f"{args.path}: valid {p.kind} uplink from client {msg.client}, round {msg.round}")
+        loss = msg.report.loss
+        print(f"  declares {msg.num_samples} training records; report: {msg.report.status}, loss "
+              f"{'withheld' if loss is None else f'{loss:.4g}'}, {len(msg.report.dp_events)} DP event(s)")
+    else:
+        print(f"{args.path}: valid {p.kind} downlink from the server to client(s) "
+              f"{', '.join(map(str, msg.recipients))}, round {msg.round}")
+    if p.spec is not None:
+        print(f"  architecture: {json.dumps(p.spec)}")
+    print(f"  {info['parameters']} parameters in {len(p.tensors)} tensors")
     for t in info["tensors"]:
         print(f"    {t['name']:<40} {str(tuple(t['shape'])):<16} {t['dtype']}")
     for name, shapes in info["extra_artifacts"].items():
         print(f"  EXTRA shared artifact {name!r}: {shapes} (no formal privacy guarantee covers it)")
     if encoder:
-        print(f"  encoder present: YES ({len(encoder)} encoder tensors: this upload shares the whole VAE)")
+        print(f"  encoder present: YES ({len(encoder)} encoder tensors: this message carries the whole VAE)")
     else:
-        print("  encoder present: no (no encoder tensor in this upload)")
+        print("  encoder present: no (no encoder tensor in this message)")
     return 0
 
 
@@ -180,7 +194,7 @@ def _report(args: argparse.Namespace) -> int:
 
     from reports.render import render_report
 
-    out = args.output or (Path(args.run_dirs[0]) / "report.html" if len(args.run_dirs) == 1 else Path("report.html"))
+    out = args.output or (Path(args.run_dirs[0]) / layout.REPORT if len(args.run_dirs) == 1 else Path(layout.REPORT))
     path = render_report(args.run_dirs, out, title=args.title)
     print(f"{path} (with {path.with_suffix('.metrics.csv').name} and {path.with_suffix('.metrics.json').name})")
     return 0
@@ -269,11 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     eps.set_defaults(func=_epsilon)
 
     insp = sub.add_parser(
-        "inspect-upload", help="show exactly what a client shared, after validating it",
-        description="Validate one upload (shared/round-R/client-K.safetensors and its .json sidecar) as the "
-                    "server does, then show the architecture, parameter count, every tensor, any extra "
-                    "artifact, and whether an encoder is present. Exits nonzero on an invalid upload.")
-    insp.add_argument("path", help="a client-K.safetensors file (its client-K.json sidecar beside it)")
+        "inspect-upload", help="show exactly what crossed the boundary (an uplink or a downlink), after validating it",
+        description="Validate one message of shared/round-R/ (client-K.safetensors: what client K sent; "
+                    "server-to-client-K / server-to-clients.safetensors: what the server sent down), with its "
+                    ".json sidecar, as the federation does, then show the architecture, parameter count, every "
+                    "tensor, any extra artifact, the client's report, and whether an encoder is present. Exits "
+                    "nonzero on an invalid message.")
+    insp.add_argument("path", help="a .safetensors message file (its .json sidecar beside it)")
     insp.add_argument("--json", action="store_true", help="print JSON")
     insp.set_defaults(func=_inspect_upload)
 

@@ -17,10 +17,13 @@ from alignfl_audit.checkpoint import load_checkpoint, restore, save_checkpoint
 from alignfl_audit.config import ExperimentConfig, dump_config
 from alignfl_audit.provenance import provenance
 from alignfl_audit.rundir import RunDir
-from federation.client import Client
+from federation import run_layout as layout
+from federation.client import ClientSetup
 from federation.data.partition import Partition, make_partition
 from federation.data.sources import Split, load_split, resolve_source
-from federation.errors import DataError
+from federation.engines.base import Engine
+from federation.engines.inprocess import InProcessEngine, InProcessSettings
+from federation.errors import ConfigError, DataError
 from federation.metrics.domain_cnn import domain_cnn
 from federation.metrics.tstr import class_owner
 from federation.metrics.utility import evaluate, probe
@@ -28,8 +31,9 @@ from federation.privacy.budget import calibrate_noise, check_adaptive
 from federation.privacy.dp_sgd import DPPlan, make_plan
 from federation.privacy.ledger import PrivacyLedger
 from federation.privacy.spec import NO_GUARANTEE
-from federation.strategies import STRATEGY_CLASSES
-from federation.training import to_tensor
+from federation.rounds import DELIVERED, STATUSES, RoundRecord, accept_arrivals, run_round
+from federation.strategies.base import ServerContext, Strategy, departures
+from federation.training import TrainSettings, to_tensor
 
 
 @dataclass
@@ -72,170 +76,210 @@ def client_tensors(data: LoadedData, partition: Partition) -> list[torch.Tensor]
     return out
 
 
-@dataclass
-class TrainingUnit:
-    """What one client (or the centralized reference's pooled data) trains with."""
-
-    spec: dict
-    data: torch.Tensor
-    settings: object
-    dp_plan: DPPlan | None = None
-
-
-def training_units(cfg: ExperimentConfig, data: LoadedData, partition: Partition) -> list[TrainingUnit]:
-    tensors = client_tensors(data, partition)
-    specs = cfg.client_specs()
-    if cfg.strategy.name == "centralized":
-        settings = dataclasses.replace(cfg.training, rounds=1, local_epochs=cfg.strategy.epochs)
-        units = [TrainingUnit(specs[0], torch.cat(tensors), settings)]
-    else:
-        units = [TrainingUnit(spec, x, cfg.training) for spec, x in zip(specs, tensors)]
-    if cfg.privacy.is_dp:
-        for k, unit in enumerate(units):
-            n = len(unit.data)
-            cfg.privacy.check_client(k, n)
-            plan = make_plan(cfg.privacy, n, unit.settings.batch_size, 0.0)
-            total = unit.settings.rounds * unit.settings.local_epochs * plan.steps_per_epoch
-            plan.noise_multiplier = calibrate_noise(cfg.privacy, plan.sample_rate, total)
-            if plan.unclipped_num_std is not None:
-                check_adaptive(cfg.privacy, plan.noise_multiplier, plan.unclipped_num_std)
-            unit.dp_plan = plan
-    return units
+def client_setups(cfg: ExperimentConfig, data: LoadedData, partition: Partition,
+                  only: int | None = None) -> list[ClientSetup]:
+    """Every client's setup (or the pooled reference's, for a strategy without federation), with its
+    DP plan. ``only``: build just that client's (a Flower node builds its own). Impossible privacy plans
+    are refused here, before training."""
+    cls = cfg.strategy_class
+    units = cls.training_units(cfg.strategy, cfg.training, cfg.client_specs(), client_tensors(data, partition))
+    setups = []
+    for k, (spec, x, settings) in enumerate(units):
+        if only is not None and k != only:
+            continue
+        plan = None
+        if cfg.privacy.is_dp:
+            plan = dp_plan(cfg, k, len(x), settings)
+        setups.append(ClientSetup(k, x, spec, settings, cfg.seed, cfg.privacy, plan))
+    return setups
 
 
-def new_ledger(cfg: ExperimentConfig, units: list[TrainingUnit]) -> PrivacyLedger:
+def dp_plan(cfg: ExperimentConfig, client: int, n: int, settings: TrainSettings) -> DPPlan:
+    cfg.privacy.check_client(client, n)
+    plan = make_plan(cfg.privacy, n, settings.batch_size, 0.0)
+    total = settings.rounds * settings.local_epochs * plan.steps_per_epoch
+    plan.noise_multiplier = calibrate_noise(cfg.privacy, plan.sample_rate, total)
+    if plan.unclipped_num_std is not None:
+        check_adaptive(cfg.privacy, plan.noise_multiplier, plan.unclipped_num_std)
+    return plan
+
+
+def new_ledger(cfg: ExperimentConfig, setups: list[ClientSetup], shared_artifacts: list[str]) -> PrivacyLedger:
     p = cfg.privacy
     formal, note = p.formal_guarantee(), p.guarantee_note()
-    if formal and cfg.server.sampling == "gmm":
+    if formal and "latent_gmm" in shared_artifacts:
         formal, note = False, (f"{NO_GUARANTEE}: DP-SGD covers the decoders, but each client also shares a "
                                "latent GMM fitted on its private latents, which no mechanism covers")
     return PrivacyLedger(
         mechanism=p.mechanism, formal_guarantee=formal, note=note,
         delta=p.delta if formal else None, target_epsilon=p.target_epsilon if formal else None,
-        clients={str(k): {"n": len(u.data), **({"sample_rate": u.dp_plan.sample_rate,
-                                                  "noise_multiplier": u.dp_plan.noise_multiplier,
-                                                  "planned_steps": u.settings.rounds * u.settings.local_epochs
-                                                  * u.dp_plan.steps_per_epoch} if u.dp_plan else {})}
-                 for k, u in enumerate(units)})
+        clients={str(s.client): {"n": s.num_samples, **({"sample_rate": s.dp_plan.sample_rate,
+                                                        "noise_multiplier": s.dp_plan.noise_multiplier,
+                                                        "planned_steps": s.settings.rounds * s.settings.local_epochs
+                                                        * s.dp_plan.steps_per_epoch} if s.dp_plan else {})}
+                 for s in setups})
 
 
-def build_strategy(cfg: ExperimentConfig, clients: list[Client]):
-    cls = STRATEGY_CLASSES[cfg.strategy.name]
-    return cls(clients, cfg.training, cfg.server_spec(), cfg.seed,
-               samples_per_client=cfg.server.samples_per_client, server_epochs=cfg.server.epochs,
-               sampling=cfg.server.sampling, gmm_components=cfg.server.gmm_components,
-               prox_mu=cfg.strategy.mu if cfg.strategy.name == "fedprox" else 0.0, epochs=cfg.strategy.epochs,
-               participation=cfg.server.participation)
+def build_strategy(cfg: ExperimentConfig, setups: list[ClientSetup] | None = None) -> Strategy:
+    cls = cfg.strategy_class
+    specs = cfg.client_specs()
+    pooled = None if cls.federated() else (setups[0] if setups else None)
+    ctx = ServerContext(cfg.seed, cfg.training, list(range(len(specs))) if cls.federated() else [],
+                        dict(enumerate(specs)), cfg.server_spec(), pooled)
+    return cls(cfg.strategy, cfg.server, ctx)
+
+
+def inprocess_engine(cfg: ExperimentConfig, setups: list[ClientSetup]) -> Engine:
+    cls = cfg.strategy_class
+    if not cls.federated():
+        return InProcessEngine(InProcessSettings(), {}, None, cfg.seed)
+    return InProcessEngine(cfg.engine, {s.client: s for s in setups}, cls.client_handler(cfg.strategy, cfg.server),
+                           cfg.seed)
 
 
 def _digest(files: dict) -> str:
     return hashlib.sha256("|".join(f"{k}:{v}" for k, v in sorted(files.items())).encode()).hexdigest()
 
 
-def run_experiment(cfg: ExperimentConfig, data_root: str | Path | None = None, out: str | Path | None = None,
-                   quiet: bool = False) -> RunDir:
-    """Everything that can fail on bad input fails before the run directory is made."""
-    started = time.perf_counter()
+def prepare(cfg: ExperimentConfig, data_root=None) -> tuple[LoadedData, Partition, list[ClientSetup]]:
+    """Data, partition and client setups: everything that can fail on bad input, before a run directory."""
     data = load_data(cfg, data_root)
     partition = make_partition(cfg.partition, data.train.labels,
                                data.outlier_train.labels if data.outlier_train is not None else np.zeros(0),
                                cfg.data.dataset, cfg.outlier_dataset, cfg.seed)
-    units = training_units(cfg, data, partition)  # refuses impossible privacy budgets before training
+    return data, partition, client_setups(cfg, data, partition)
+
+
+def run_experiment(cfg: ExperimentConfig, data_root: str | Path | None = None, out: str | Path | None = None,
+                   quiet: bool = False) -> RunDir:
+    """Everything that can fail on bad input fails before the run directory is made."""
+    if cfg.engine.name == "flower":
+        from alignfl_audit.flower_launch import run_on_flower
+
+        return run_on_flower(cfg, data_root, out, quiet)
+    started = time.perf_counter()
+    data, partition, setups = prepare(cfg, data_root)
     run = RunDir.create(out, cfg.name, cfg.seed)
     try:
-        run.file("config.resolved.yaml").write_text(dump_config(cfg))
-        run.write_json("partition.json", partition.to_json())
-        _train_and_evaluate(cfg, data, partition, units, run, quiet, started)
+        write_run_header(run, cfg, partition)
+        train_and_evaluate(cfg, data, partition, setups, run, inprocess_engine(cfg, setups), quiet, started)
     except BaseException as err:
         run.set_status("failed", error=f"{type(err).__name__}: {err}")
         raise
     return run
 
 
+def write_run_header(run: RunDir, cfg: ExperimentConfig, partition: Partition) -> None:
+    run.file(layout.CONFIG).write_text(dump_config(cfg))
+    run.write_json(layout.PARTITION, {"format": layout.PARTITION_FORMAT, **partition.to_json()})
+
+
+def read_run_config(run: RunDir) -> ExperimentConfig:
+    """A run's resolved config, read by its recorded format (an earlier version's config is migrated)."""
+    import yaml
+
+    from alignfl_audit.config import from_dict, migrate_config
+
+    path = run.file(layout.CONFIG)
+    if not path.is_file():
+        raise ConfigError(f"{run.path} is not a run directory (no {layout.CONFIG})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a resolved config (not a YAML mapping)")
+    try:
+        return from_dict(migrate_config(data))
+    except ConfigError as err:
+        raise ConfigError(f"{path} cannot be read by this version: {err}") from None
+
+
 def resume_experiment(run_dir: str | Path, data_root: str | Path | None = None, quiet: bool = False):
     """Continue a crashed or interrupted run from its last checkpoint, in its own directory, with its own
     resolved config. The result equals an uninterrupted run with the same seed."""
-    import yaml
-
-    from alignfl_audit.config import from_dict
-    from federation.errors import ConfigError
-
     run = RunDir(run_dir)
-    if not run.file("config.resolved.yaml").is_file():
-        raise ConfigError(f"{run.path} is not a run directory (no config.resolved.yaml)")
+    cfg = read_run_config(run)
     if run.is_complete():
         raise ConfigError(f"{run.path} is already complete; nothing to resume")
-    try:
-        cfg = from_dict(yaml.safe_load(run.file("config.resolved.yaml").read_text()))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{run.path}/config.resolved.yaml is not valid YAML: {err}") from None
+    if cfg.engine.name != "inprocess":
+        raise ConfigError(f"{run.path} ran on the {cfg.engine.name} engine, whose client state lives on the "
+                          "clients' nodes; only in-process runs can be resumed")
     started = time.perf_counter()
-    data = load_data(cfg, data_root)
-    partition = make_partition(cfg.partition, data.train.labels,
-                               data.outlier_train.labels if data.outlier_train is not None else np.zeros(0),
-                               cfg.data.dataset, cfg.outlier_dataset, cfg.seed)
-    if run.file("partition.json").is_file() and run.read_json("partition.json") != partition.to_json():
-        raise DataError(f"the data found now do not give the partition recorded in {run.path}/partition.json; "
+    data, partition, setups = prepare(cfg, data_root)
+    recorded = run.read_json(layout.PARTITION) if run.file(layout.PARTITION).is_file() else None
+    if recorded is not None and {k: v for k, v in recorded.items() if k != "format"} != partition.to_json():
+        raise DataError(f"the data found now do not give the partition recorded in {run.path}/{layout.PARTITION}; "
                         "pass the run's data with --data-root")
-    units = training_units(cfg, data, partition)
-    run.write_json("partition.json", partition.to_json())
+    run.write_json(layout.PARTITION, {"format": layout.PARTITION_FORMAT, **partition.to_json()})
     run.set_status("running", resumed=True)
     try:
-        _train_and_evaluate(cfg, data, partition, units, run, quiet, started, resume=True)
+        train_and_evaluate(cfg, data, partition, setups, run, inprocess_engine(cfg, setups), quiet, started,
+                           resume=True)
     except BaseException as err:
         run.set_status("failed", error=f"{type(err).__name__}: {err}")
         raise
     return cfg, run
 
 
-def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, started: float,
-                        resume: bool = False) -> None:
-    torch.manual_seed(cfg.seed)
-    ledger = new_ledger(cfg, units)
-    clients = [Client(i, u.spec, u.data, u.settings, cfg.seed, cfg.privacy, u.dp_plan, ledger)
-               for i, u in enumerate(units)]
-    strategy = build_strategy(cfg, clients)
+def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Partition, setups: list[ClientSetup],
+                       run: RunDir, engine: Engine, quiet: bool, started: float, resume: bool = False) -> None:
+    """The federation, round by round, on any engine; then the utility metrics and metrics.json."""
+    strategy = build_strategy(cfg, setups)
+    ledger = new_ledger(cfg, setups, strategy.shared_artifacts)
+    client_ids = strategy.ctx.client_ids
+    departures_ = departures(cfg.server)
     test_x, test_y = to_tensor(data.test.images), data.test.labels
-    steps = strategy.rounds * (len(clients) + 1) if strategy.rounds and cfg.strategy.name != "centralized" else 1
-    rows, rejected, first = [], [], 0
+    records: list[RoundRecord] = []
+    first = 0
     state = load_checkpoint(run, cfg.digest()) if resume else None
     if state is not None:
-        first, rows, rejected = restore(state, clients, strategy, ledger, run.file("shared"))
-        run.log(f"resumed after round {first - 1} from checkpoints/latest.pt")
-    with tqdm(total=steps, initial=min(steps, first * (len(clients) + 1)), disable=quiet, desc=cfg.name,
-              unit="step", leave=False) as bar:
-        def tick(msg: str) -> None:
-            bar.set_postfix_str(msg)
-            bar.update(1)
-
-        for rnd in range(first, strategy.rounds):
-            record = strategy.run_round(rnd, run.shared_round(rnd), tick)
-            rejected += [{"round": rnd, "client": c, "reason": r} for c, r in record.pop("rejected").items()]
-            if cfg.metrics.probe_every_round:
-                record.update(probe(strategy.global_vae, test_x, test_y, cfg.seed, cfg.metrics.probe_max_iter))
-            rows.append(record)
-            run.log(f"round {rnd}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in record.items() if k != "round"))
-            run.write_csv("rounds.csv", rows)
-            run.write_json("privacy_ledger.json", ledger.to_json())
-            save_checkpoint(run, rnd, cfg.digest(), clients, strategy, ledger, rows, rejected)
+        first, records = restore(state, strategy, engine, ledger, run.file(layout.SHARED))
+        run.log(f"resumed after round {first - 1} from {layout.CHECKPOINTS}/{layout.CHECKPOINT}")
+    engine.start()
+    try:
+        with tqdm(total=strategy.rounds, initial=first, disable=quiet, desc=cfg.name, unit="round",
+                  leave=False) as bar:
+            for rnd in range(first, strategy.rounds):
+                bar.set_postfix_str(f"round {rnd}")
+                record, accepted = run_round(rnd, strategy, engine, run.shared_round(rnd), departures_, client_ids)
+                ledger.merge(accepted.dp_events, accepted.unaccounted)
+                if cfg.metrics.probe_every_round:
+                    record.probe = probe(strategy.global_vae, test_x, test_y, cfg.seed, cfg.metrics.probe_max_iter)
+                records.append(record)
+                run.log(f"round {rnd}: " + _summary(record))
+                _write_round_files(run, records, ledger)
+                save_checkpoint(run, rnd, cfg.digest(), strategy, engine, ledger, records)
+                bar.update(1)
+        late = engine.drain(strategy.rounds - 1)
+        if late:  # replies that arrived after the last round: what they carry was shared, and is recorded
+            statuses = {}
+            accepted = accept_arrivals(late, run.shared_round(strategy.rounds), strategy.uplink_kinds, statuses,
+                                       strategy.rounds)
+            ledger.merge(accepted.dp_events, accepted.unaccounted)
+            records.append(RoundRecord(strategy.rounds, statuses))
+            run.log(f"after the last round: {_summary(records[-1])} (not used by the server)")
+            _write_round_files(run, records, ledger)
+    finally:
+        engine.close()
     train_seconds = time.perf_counter() - started
     cnn = domain_cnn(cfg.data.dataset, to_tensor(data.train.images), torch.as_tensor(data.train.labels),
                      _digest(data.train.files), cfg.seed, cfg.metrics.domain_cnn_epochs)
     utility, notes = evaluate(strategy, test_x, test_y, cnn,
                               class_owner([s.class_counts for s in partition.shards]), cfg.seed,
                               cfg.metrics.fid_samples, cfg.metrics.tstr_epochs, cfg.metrics.probe_max_iter,
-                              run.file("figures") if cfg.metrics.figures else None)
+                              run.file(layout.FIGURES) if cfg.metrics.figures else None)
     shared = strategy.shared_artifacts
     metrics = {
+        "format": layout.METRICS_FORMAT, "run_format": layout.RUN_FORMAT,
         "name": cfg.name, "strategy": strategy.name, "seed": cfg.seed, "config_sha256": cfg.digest(),
+        "engine": dataclasses.asdict(cfg.engine),
         "utility": utility, "notes": notes,
         "shared_artifacts": shared,
         "privacy": privacy_block(ledger, shared),
-        "rejected_uploads": rejected,
-        "participation": {"probability": cfg.server.participation,
-                          "rounds_per_client": {str(c.id): sum(bool(r.get(f"client{c.id}_participated", True))
-                                                               for r in rows) for c in clients}},
+        "rejected_uploads": [{"round": r.round, "client": k, "reason": reason}
+                             for r in records for k, reason in sorted(r.rejected.items())],
+        "participation": participation_summary(cfg, records, client_ids),
         "data": data.provenance,
         "partition": {"clients": [{"client": s.client, "classes": s.classes,
                                    "class_counts": {str(k): v for k, v in s.class_counts.items()},
@@ -248,11 +292,38 @@ def _train_and_evaluate(cfg, data, partition, units, run: RunDir, quiet: bool, s
         "torch_threads": torch.get_num_threads(),
         "provenance": provenance(),
     }
-    run.write_json("metrics.json", metrics)
+    run.write_json(layout.METRICS, metrics)
     run.set_status("complete")
-    # resume state holds every encoder and RNG state: it has no use once the run is complete, and a run
+    # resume state holds every encoder and client state: it has no use once the run is complete, and a run
     # directory handed to an auditor must not carry what the threat model keeps from the adversary
-    shutil.rmtree(run.file("checkpoints"), ignore_errors=True)
+    shutil.rmtree(run.file(layout.CHECKPOINTS), ignore_errors=True)
+
+
+def _write_round_files(run: RunDir, records: list[RoundRecord], ledger: PrivacyLedger) -> None:
+    run.write_csv(layout.ROUNDS, [r.row() for r in records])
+    run.write_json(layout.LEDGER, ledger.to_json())
+
+
+def _summary(record: RoundRecord) -> str:
+    parts = [f"client{k}={c.status}" + (f"(staleness {c.staleness})" if c.staleness else "")
+             + (f" loss={c.loss:.4g}" if c.loss is not None else "") for k, c in sorted(record.clients.items())]
+    if record.server_loss is not None:
+        parts.append(f"server_loss={record.server_loss:.4g}")
+    parts += [f"{k}={v:.4g}" for k, v in record.probe.items() if isinstance(v, float)]
+    return " ".join(parts) or "no clients"
+
+
+def participation_summary(cfg: ExperimentConfig, records: list[RoundRecord], client_ids: list[int]) -> dict:
+    """Per client: rounds in which a message reached it, and how often each status occurred."""
+    return {"probability": getattr(cfg.server, "participation", None),
+            "departures": [vars(d) for d in departures(cfg.server)],
+            "stale_policy": getattr(cfg.server, "stale_policy", None),
+            "rounds_per_client": {str(k): sum(r.clients[k].status in DELIVERED for r in records if k in r.clients)
+                                  for k in client_ids},
+            "statuses": {str(k): {st: n for st in STATUSES
+                                  if (n := sum(r.clients.get(k) is not None and r.clients[k].status == st
+                                               for r in records))}
+                         for k in client_ids}}
 
 
 def run_pipeline(cfg: ExperimentConfig, data_root: str | Path | None = None, out: str | Path | None = None,
@@ -269,12 +340,12 @@ def after_run(cfg: ExperimentConfig, run: RunDir, data_root=None, quiet: bool = 
 
         run.log("audit started")
         run_audit(run.path, data_root=data_root, quiet=quiet)
-        run.log("audit written: audit.json")
+        run.log(f"audit written: {layout.AUDIT}")
     if cfg.report:
         from reports.render import render_report
 
-        render_report([run.path], run.file("report.html"))
-        run.log("report written: report.html")
+        render_report([run.path], run.file(layout.REPORT))
+        run.log(f"report written: {layout.REPORT}")
     return run
 
 

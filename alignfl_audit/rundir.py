@@ -14,6 +14,8 @@ import re
 import time
 from pathlib import Path
 
+from federation import run_layout as layout
+
 
 def atomic_write(path: Path, data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,19 +77,27 @@ class RunDir:
         return atomic_write(self.file(name), buf.getvalue())
 
     def shared_round(self, rnd: int) -> Path:
-        return self.file("shared", f"round-{rnd}")
+        return self.file(layout.shared_round(rnd))
 
     def log(self, message: str) -> None:
         """Append a timestamped line to the run's log file (run.log)."""
-        with open(self.file("run.log"), "a", encoding="utf-8") as fh:
+        with open(self.file(layout.LOG), "a", encoding="utf-8") as fh:
             fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {message}\n")
 
     def set_status(self, state: str, **info) -> None:
-        self.write_json("status.json", {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
+        self.write_json(layout.STATUS, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
         self.log(f"status {state}" + "".join(f" {k}={v}" for k, v in info.items()))
+
+    def status(self) -> dict:
+        """The recorded status ({} while none is written or it cannot be read)."""
+        try:
+            data = self.read_json(layout.STATUS)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def is_complete(self) -> bool:
         try:
-            return self.read_json("status.json")["state"] == "complete" and self.file("metrics.json").is_file()
+            return self.read_json(layout.STATUS)["state"] == "complete" and self.file(layout.METRICS).is_file()
         except (OSError, ValueError, KeyError):
             return False

@@ -24,6 +24,7 @@ import yaml
 
 from alignfl_audit.config import load_config
 from alignfl_audit.rundir import RunDir, atomic_write
+from federation import run_layout as layout
 from federation.errors import ConfigError, FederationError
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -114,10 +115,10 @@ def _configs(plan: SweepPlan) -> list[tuple[str, object]]:
 def _finished(path: Path, cfg) -> bool:
     """Complete, audited, and made from this very config (an edited sweep entry is redone)."""
     run = RunDir(path)
-    if not (run.is_complete() and (path / "audit.json").is_file()):
+    if not (run.is_complete() and (path / layout.AUDIT).is_file()):
         return False
     try:
-        return run.read_json("metrics.json").get("config_sha256") == cfg.digest()
+        return run.read_json(layout.METRICS).get("config_sha256") == cfg.digest()
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -159,5 +160,5 @@ def run_sweep(path: str | Path, data_root=None, quiet: bool = False, echo=print)
               "skipped": result.skipped}
     atomic_write(plan.out / "sweep-status.yaml", yaml.safe_dump(status, sort_keys=False))
     if result.finished:
-        result.report = render_report(result.finished, plan.out / "report.html", title=f"Sweep {plan.name}")
+        result.report = render_report(result.finished, plan.out / layout.REPORT, title=f"Sweep {plan.name}")
     return result

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from alignfl_audit.config import ExperimentConfig, from_dict
+from alignfl_audit.config import ExperimentConfig, from_dict, migrate_config
 from alignfl_audit.rundir import RunDir
+from federation import run_layout as layout
 from attacks.empirical_epsilon import clopper_pearson_epsilon, one_run_epsilon
 from attacks.latent_fit import fit_latents
 from attacks.lipschitz import lipschitz_bracket
@@ -27,7 +28,7 @@ from attacks.mia_metrics import membership_metrics, roc_arrays
 from attacks.outlier_reconstruction import domain_classifier, reconstruct_groups
 from attacks.reference_models import ReferenceRecipe, train_reference_decoder
 from attacks.shared_artifacts import SharedRun, load_shared_run
-from federation.client import seeded_generator
+from federation.rng import seeded_generator
 from federation.data.sources import EMBEDDED_ROOT, DataSource, _has_dataset, load_split, resolve_source
 from federation.errors import ConfigError, DataError
 from federation.training import to_tensor
@@ -38,7 +39,7 @@ AUDIT_FORMAT = "alignfl-audit/1"
 def _config(run: RunDir, overrides: dict) -> ExperimentConfig:
     import yaml
 
-    path = run.file("config.resolved.yaml")
+    path = run.file(layout.CONFIG)
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -49,7 +50,22 @@ def _config(run: RunDir, overrides: dict) -> ExperimentConfig:
         if not dotted.startswith("audit."):
             raise ConfigError(f"audit --set only takes audit.* keys, got {dotted!r}")
         data.setdefault("audit", {})[dotted.split(".", 1)[1]] = value
-    return from_dict(data)
+    try:
+        return from_dict(migrate_config(data))  # read by its recorded format
+    except ConfigError as err:
+        if any(k.startswith("audit.") for k in overrides):
+            raise
+        raise DataError(f"{path} cannot be read by this version: {err}") from None
+
+
+def _check_run_format(run: RunDir) -> None:
+    try:
+        fmt = layout.run_format(run.read_json(layout.METRICS))
+    except (OSError, ValueError):
+        return  # not finished: refused below with its own message
+    if fmt not in layout.READABLE_RUN_FORMATS:
+        raise DataError(f"{run.path} was written in run format {fmt!r}; this version reads "
+                        f"{', '.join(layout.READABLE_RUN_FORMATS)} (upgrade alignfl-audit)")
 
 
 def _read_json(run: RunDir, name: str) -> dict:
@@ -114,6 +130,7 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     started = time.perf_counter()
     run = RunDir(run_dir)
     shared = load_shared_run(run.path)
+    _check_run_format(run)
     if not run.is_complete():
         raise DataError(f"{run.path} is not a finished run (status is not complete): its shared decoders may "
                         "stop mid-way and its data provenance is not recorded; finish it with 'alignfl-audit run "
@@ -123,8 +140,7 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     cfg = _config(run, overrides or {})
     a = cfg.audit
     seed = cfg.seed if seed is None else seed
-    torch.manual_seed(seed)
-    provenance = _read_json(run, "metrics.json").get("data", {})
+    provenance = _read_json(run, layout.METRICS).get("data", {})
     part = shared.partition
     main_ds, out_ds = part["dataset"], part["outlier_dataset"]
     train = _load(main_ds, "train", provenance, data_root, cfg)
@@ -178,6 +194,9 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
                         "candidate records; no encoder, no private training state (docs/threat-model.md)",
         "shared_artifacts": sorted({k for c in shared.decoders.values() for d in c.values()
                                     for k in ["decoder" if d.kind == "decoder" else "vae", *d.extra_artifacts]}),
+        "downlinks": {"messages": len(shared.downlinks),
+                      "kinds": sorted({d.kind for d in shared.downlinks}),
+                      "carry_a_decoder": any(d.decoder is not None for d in shared.downlinks)},
         "rejected_uploads": shared.rejected,
         "mia": mia,
         "empirical_epsilon": eps["headline"],
@@ -194,8 +213,8 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     folder = run.file("audit")
     folder.mkdir(exist_ok=True)
     np.savez_compressed(folder / "scores.npz", **evidence)
-    run.write_json("audit.json", audit)
-    return run.file("audit.json")
+    run.write_json(layout.AUDIT, audit)
+    return run.file(layout.AUDIT)
 
 
 def _references(shared: SharedRun, clients, cfg, test, seed, tick) -> dict:
@@ -347,9 +366,9 @@ def _accountant(run: RunDir) -> dict:
     """The formal claim next to the empirical one: epsilon only where a real guarantee exists."""
     from alignfl_audit.accounting import ledger_epsilons
 
-    if not run.file("privacy_ledger.json").is_file():
+    if not run.file(layout.LEDGER).is_file():
         return {"formal_guarantee": False, "epsilon": None, "note": "no privacy ledger in the run"}
-    block = ledger_epsilons(run.read_json("privacy_ledger.json"))
+    block = ledger_epsilons(run.read_json(layout.LEDGER))
     if not block["formal_guarantee"]:
         return {"formal_guarantee": False, "epsilon": None, "mechanism": block["mechanism"], "note": block["note"]}
     per_client = {cid: r["headline"]["epsilon"] for cid, r in block["clients"].items()}

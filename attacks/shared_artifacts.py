@@ -1,26 +1,24 @@
-"""What the adversary holds: the decoders every client shared, round by round, and the run's
-partition record (which public record ids were members, held out, outliers, controls, canaries).
+"""What the adversary holds: every message that crossed the boundary, round by round (the decoders
+clients shared, and what the server sent down), and the run's partition record (which public record
+ids were members, held out, outliers, controls, canaries).
 
-Only ``shared/round-R/client-K.{safetensors,json}`` and ``partition.json`` are read. Every upload
-goes through the server's own validation (``federation.messages.load_upload``: safetensors, never
-pickle); an upload that fails it is reported, not used.
+Only ``shared/round-R/`` and ``partition.json`` are read. Every message goes through the same
+validation as in the federation (``federation.messages``: safetensors, never pickle); a message that
+fails it is reported, not used. Runs written before downlinks existed hold uplinks only.
 """
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from federation import run_layout as layout
 from federation.errors import DataError, UploadRejected
-from federation.messages import load_upload
-from federation.models import VAE, build_decoder
-
-_ROUND = re.compile(r"round-(\d+)$")
-_CLIENT = re.compile(r"client-(\d+)\.safetensors$")
+from federation.messages import load_downlink, load_uplink
+from federation.models import load_decoder, load_vae
 
 
 @dataclass
@@ -38,11 +36,21 @@ class SharedDecoder:
 
 
 @dataclass
+class SharedDownlink:
+    round: int
+    recipients: tuple[int, ...]
+    kind: str
+    spec: dict | None
+    decoder: nn.Module | None  # the decoder inside the payload, when it carries one
+
+
+@dataclass
 class SharedRun:
     path: Path
     partition: dict
     decoders: dict[int, dict[int, SharedDecoder]]  # client -> round -> decoder
     rejected: list[dict] = field(default_factory=list)
+    downlinks: list[SharedDownlink] = field(default_factory=list)  # in round order
 
     def final(self, client: int) -> SharedDecoder:
         """The last decoder a client shared."""
@@ -54,21 +62,20 @@ class SharedRun:
         return sorted(self.decoders)
 
 
-def _module(upload) -> nn.Module:
-    if upload.kind == "decoder":
-        module = build_decoder(upload.spec)
-        module.load_state_dict(upload.tensors)
+def _module(payload) -> nn.Module | None:
+    if payload.kind == "decoder":
+        module = load_decoder(payload.spec, payload.tensors)
+    elif payload.kind == "vae":
+        module = load_vae(payload.spec, payload.tensors).decoder
     else:
-        vae = VAE(upload.spec)
-        vae.load_state_dict(upload.tensors)
-        module = vae.decoder
+        return None
     module.eval()
     module.requires_grad_(False)
     return module
 
 
 def read_partition(run_dir: Path) -> dict:
-    path = Path(run_dir) / "partition.json"
+    path = Path(run_dir) / layout.PARTITION
     try:
         partition = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -84,24 +91,29 @@ def load_shared_run(run_dir: str | Path) -> SharedRun:
         raise DataError(f"no run directory at {run_dir}")
     partition = read_partition(run_dir)
     decoders: dict[int, dict[int, SharedDecoder]] = {}
+    downlinks: list[SharedDownlink] = []
     rejected = []
-    rounds = sorted((int(m.group(1)), p) for p in (run_dir / "shared").glob("round-*")
-                    if (m := _ROUND.search(p.name)) and p.is_dir())
+    rounds = sorted((int(m.group(1)), p) for p in (run_dir / layout.SHARED).glob("round-*")
+                    if (m := layout.ROUND_DIR.search(p.name)) and p.is_dir())
     for rnd, folder in rounds:
-        for path in sorted(folder.glob("client-*.safetensors")):
-            if not _CLIENT.search(path.name):
-                continue
+        for path in sorted(folder.glob("*.safetensors")):
             try:
-                upload = load_upload(path)
+                if layout.UPLINK_FILE.search(path.name):
+                    upload = load_uplink(path)
+                    module = _module(upload.payload)
+                    if module is not None:  # an uplink that shares nothing (e.g. a spent budget) holds no decoder
+                        decoders.setdefault(upload.client, {})[rnd] = SharedDecoder(
+                            upload.client, rnd, upload.spec, module, upload.kind, sorted(upload.extras))
+                elif layout.DOWNLINK_FILE.search(path.name):
+                    down = load_downlink(path)
+                    downlinks.append(SharedDownlink(rnd, down.recipients, down.payload.kind, down.payload.spec,
+                                                    _module(down.payload)))
             except UploadRejected as err:
                 rejected.append({"round": rnd, "file": path.name, "reason": str(err)})
-                continue
-            decoders.setdefault(upload.client, {})[rnd] = SharedDecoder(
-                upload.client, rnd, upload.spec, _module(upload), upload.kind, sorted(upload.extras))
     if not decoders:
         raise DataError(f"{run_dir} holds no valid shared decoder under shared/round-*/ "
                         f"({len(rejected)} rejected)")
-    return SharedRun(run_dir, partition, decoders, rejected)
+    return SharedRun(run_dir, partition, decoders, rejected, downlinks)
 
 
 @torch.no_grad()

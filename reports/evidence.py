@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from federation import run_layout as layout
 from federation.errors import DataError
 
 
@@ -56,28 +57,31 @@ def data_uri(path: Path) -> str:
 
 def load_run(path: str | Path) -> RunEvidence:
     path = Path(path)
-    metrics = _json(path / "metrics.json")
+    metrics = _json(path / layout.METRICS)
     if metrics is None:
-        status = _json(path / "status.json")
+        status = _json(path / layout.STATUS)
         state = status.get("state", "no status") if isinstance(status, dict) else "no status"
-        raise DataError(f"{path} is not a finished run (no metrics.json; status: {state})")
-    _checked(metrics, path / "metrics.json", ("utility", "privacy"), "metrics file")
-    audit = _checked(_json(path / "audit.json"), path / "audit.json", AUDIT_KEYS, "audit file")
+        raise DataError(f"{path} is not a finished run (no {layout.METRICS}; status: {state})")
+    _checked(metrics, path / layout.METRICS, ("utility", "privacy"), "metrics file")
+    if layout.run_format(metrics) not in layout.READABLE_RUN_FORMATS:
+        raise DataError(f"{path} was written in run format {layout.run_format(metrics)!r}; this version reads "
+                        f"{', '.join(layout.READABLE_RUN_FORMATS)} (upgrade alignfl-audit)")
+    audit = _checked(_json(path / layout.AUDIT), path / layout.AUDIT, AUDIT_KEYS, "audit file")
     if audit is not None and audit.get("format") != "alignfl-audit/1":
-        raise DataError(f"{path / 'audit.json'} is not an alignfl-audit/1 audit file")
-    ledger = _checked(_json(path / "privacy_ledger.json"), path / "privacy_ledger.json", ("events",), "privacy ledger")
+        raise DataError(f"{path / layout.AUDIT} is not an alignfl-audit/1 audit file")
+    ledger = _checked(_json(path / layout.LEDGER), path / layout.LEDGER, ("events",), "privacy ledger")
     rounds = None
-    if (path / "rounds.csv").is_file():
+    if (path / layout.ROUNDS).is_file():
         try:
-            rounds = pd.read_csv(path / "rounds.csv")
+            rounds = pd.read_csv(path / layout.ROUNDS)
         except (OSError, ValueError, pd.errors.ParserError) as err:
-            raise DataError(f"cannot read {path / 'rounds.csv'}: {err}") from None
+            raise DataError(f"cannot read {path / layout.ROUNDS}: {err}") from None
     images = {}
-    for folder in (path / "figures", path / "audit" / "figures"):
+    for folder in (path / layout.FIGURES, path / layout.AUDIT_FIGURES):
         for png in sorted(folder.glob("*.png")) if folder.is_dir() else []:
             images[png.stem] = data_uri(png)
-    config = path / "config.resolved.yaml"
-    status = _json(path / "status.json")
+    config = path / layout.CONFIG
+    status = _json(path / layout.STATUS)
     return RunEvidence(path, metrics, audit, ledger, rounds,
                        config.read_text() if config.is_file() else None,
                        status if isinstance(status, dict) else None, images)

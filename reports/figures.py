@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from federation import run_layout as layout  # noqa: E402
 from reports.evidence import RunEvidence  # noqa: E402
 from reports.summary import best_attack, headline_epsilon, shares_decoders  # noqa: E402
 
@@ -87,16 +88,28 @@ def roc(run: RunEvidence) -> str | None:
     return _uri(fig)
 
 
+STATUS_COLORS = {"replied": "#2ca02c", "late-reply": "#bcbd22", "no-reply": "#ff7f0e", "busy": "#ffbb78",
+                 "not-selected": "#d9d9d9", "left": "#7f7f7f", "budget-spent": "#9467bd", "rejected": "#d62728",
+                 "failed": "#8c564b"}
+
+
 def rounds(run: RunEvidence) -> str | None:
     df = run.rounds
     if df is None or df.empty:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for col in [c for c in df.columns if c.endswith("_loss")]:
-        left.plot(df["round"], df[col], marker=".", label=col.replace("_loss", ""))
+    status_cols = sorted((c for c in df.columns if layout.STATUS_COLUMN.match(c)),
+                         key=lambda c: int(layout.STATUS_COLUMN.match(c).group(1)))
+    fig, axes = plt.subplots(1, 3 if status_cols else 2, figsize=(15 if status_cols else 10, 3.5))
+    left, right = axes[0], axes[1]
+    for col in [c for c in df.columns if layout.LOSS_COLUMN.match(c)]:
+        if df[col].notna().any():
+            left.plot(df["round"], df[col], marker=".", label=col.replace("_loss", ""))
     left.set_xlabel("round")
     left.set_ylabel("last-epoch training loss")
-    left.legend(fontsize=7)
+    if left.lines:
+        left.legend(fontsize=7)
+    else:
+        left.text(0.5, 0.5, "no loss was released", transform=left.transAxes, ha="center", fontsize=9)
     if "probe_accuracy" in df:
         right.plot(df["round"], df["probe_accuracy"], marker="o", label="probe accuracy")
         if "probe_f1" in df:
@@ -104,4 +117,24 @@ def rounds(run: RunEvidence) -> str | None:
         right.legend(fontsize=7)
     right.set_xlabel("round")
     right.set_title("global model per round")
+    if status_cols:
+        _status_matrix(axes[2], df, status_cols)
     return _uri(fig)
+
+
+def _status_matrix(ax, df, columns: list[str]) -> None:
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    names = list(STATUS_COLORS)
+    codes = np.array([[names.index(v) if v in names else -1 for v in df[c].fillna("")] for c in columns], float)
+    codes[codes < 0] = np.nan
+    ax.imshow(codes, aspect="auto", cmap=ListedColormap(list(STATUS_COLORS.values())), vmin=0,
+              vmax=len(names) - 1, interpolation="nearest")
+    ax.set_yticks(range(len(columns)), [c.split("_")[0] for c in columns], fontsize=7)
+    ax.set_xticks(range(len(df)), [str(r) for r in df["round"]], fontsize=7)
+    ax.set_xlabel("round")
+    ax.set_title("what each client did")
+    present = [n for n in names if (df[columns] == n).any().any()]
+    ax.legend(handles=[Patch(color=STATUS_COLORS[n], label=n) for n in present], fontsize=6,
+              loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)

@@ -20,8 +20,8 @@ def best_attack(audit: dict | None) -> dict | None:
 
 
 def shares_decoders(run: RunEvidence) -> bool:
-    """The centralized reference trains one model on pooled data and shares nothing to audit."""
-    return run.metrics.get("strategy") != "centralized"
+    """Whether the run's strategy shared anything (a strategy without federation shares nothing)."""
+    return bool(run.metrics.get("shared_artifacts"))
 
 
 def verdict_row(run: RunEvidence) -> dict:

@@ -133,7 +133,7 @@ def test_audit_of_the_centralized_reference_is_refused_before_training(tmp_path,
     from alignfl_audit.config import ConfigError
 
     cfg = tiny_config(strategy={"name": "centralized"}, audit=True)
-    with pytest.raises(ConfigError, match="centralized reference shares no decoder"):
+    with pytest.raises(ConfigError, match="the centralized strategy shares nothing"):
         from_dict(cfg)
     path = tmp_path / "centralized.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -148,4 +148,4 @@ def test_audit_of_the_centralized_reference_is_refused_before_training(tmp_path,
     # its report says there is nothing to audit, not that an audit is missing
     assert main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "report.html")]) == 0
     html = (tmp_path / "report.html").read_text()
-    assert "shares no decoder" in html and "Not audited" not in html
+    assert "shares nothing, so there is nothing to audit" in html and "Not audited" not in html

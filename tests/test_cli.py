@@ -174,17 +174,31 @@ def _inspect(capsys, *args):
     return code, out.out, out.err
 
 
-def test_inspect_upload_shows_a_decoder_upload_and_confirms_no_encoder(tmp_path, capsys):
-    from federation.client import Client
-    from federation.messages import write_upload
+def _client(client_id: int, rnd: int):
+    from federation.client import Client, ClientSetup
+    from federation.privacy.spec import PrivacySpec
     from federation.training import TrainSettings
 
-    client = Client(2, {"arch": "mlp", "latent_dim": 2, "hidden": [16, 8]}, torch.rand(10, 1, 28, 28),
-                    TrainSettings(rounds=1, local_epochs=1, batch_size=5), seed=0)
-    path = write_upload(client.decoder_upload(3), tmp_path)
+    setup = ClientSetup(client_id, torch.rand(10, 1, 28, 28), {"arch": "mlp", "latent_dim": 2, "hidden": [16, 8]},
+                        TrainSettings(rounds=1, local_epochs=1, batch_size=5), 0, PrivacySpec())
+    return Client(setup, None, rnd)
+
+
+def _uplink(client, payload):
+    from federation.messages import ClientReport, Uplink
+
+    return Uplink(client.id, client.round, payload, client.setup.num_samples, ClientReport("trained", 1.5))
+
+
+def test_inspect_upload_shows_a_decoder_upload_and_confirms_no_encoder(tmp_path, capsys):
+    from federation.messages import write_message
+
+    client = _client(2, 3)
+    path = write_message(_uplink(client, client.decoder_payload()), tmp_path)
     code, out, err = _inspect(capsys, path)
     assert code == 0, err
-    assert "valid decoder upload from client 2, round 3" in out
+    assert "valid decoder uplink from client 2, round 3" in out
+    assert "report: trained, loss 1.5, 0 DP event(s)" in out
     assert "encoder present: no" in out
     n_params = sum(p.numel() for p in client.vae.decoder.parameters())
     assert f"{n_params} parameters" in out
@@ -195,19 +209,32 @@ def test_inspect_upload_shows_a_decoder_upload_and_confirms_no_encoder(tmp_path,
     assert code == 0 and info["encoder_present"] is False and info["parameters"] == n_params
     assert [t["name"] for t in info["tensors"]] == list(client.vae.decoder.state_dict())
 
-    full = write_upload(client.full_upload(3), tmp_path / "fedavg")
+    full = write_message(_uplink(client, client.vae_payload()), tmp_path / "fedavg")
     code, out, _ = _inspect(capsys, full)
     assert code == 0 and "encoder present: YES" in out
 
 
-def test_inspect_upload_rejects_an_invalid_upload_in_one_line(tmp_path, capsys):
-    from federation.client import Client
-    from federation.messages import write_upload
-    from federation.training import TrainSettings
+def test_inspect_upload_shows_a_downlink_and_its_recipients(tmp_path, capsys):
+    from federation.messages import Downlink, write_message
 
-    client = Client(0, {"arch": "mlp", "latent_dim": 2, "hidden": [16, 8]}, torch.rand(10, 1, 28, 28),
-                    TrainSettings(rounds=1, local_epochs=1, batch_size=5), seed=0)
-    path = write_upload(client.decoder_upload(0), tmp_path)
+    client = _client(0, 1)
+    path = write_message(Downlink(1, (0, 2), client.vae_payload()), tmp_path)
+    assert path.name == "server-to-clients.safetensors"
+    code, out, err = _inspect(capsys, path)
+    assert code == 0, err
+    assert "valid vae downlink from the server to client(s) 0, 2, round 1" in out
+    assert "encoder present: YES" in out
+    single = write_message(Downlink(1, (2,), client.vae_payload()), tmp_path / "one")
+    assert single.name == "server-to-client-2.safetensors"
+    code, out, _ = _inspect(capsys, single, "--json")
+    assert code == 0 and json.loads(out)["recipients"] == [2]
+
+
+def test_inspect_upload_rejects_an_invalid_upload_in_one_line(tmp_path, capsys):
+    from federation.messages import write_message
+
+    client = _client(0, 0)
+    path = write_message(_uplink(client, client.decoder_payload()), tmp_path)
     path.write_bytes(b"\x80\x04not a safetensors file")
     code, out, err = _inspect(capsys, path)
     assert code != 0 and out == ""

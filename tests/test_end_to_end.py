@@ -11,7 +11,7 @@ from safetensors import safe_open
 from alignfl_audit.config import from_dict, load_config
 from alignfl_audit.orchestrate import run_experiment
 from conftest import PROJECT_ROOT, tiny_config
-from federation.messages import load_upload
+from federation.messages import load_downlink, load_uplink
 
 UTILITY_KEYS = {"probe_accuracy", "probe_f1", "fid", "tstr_accuracy"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,7 +39,7 @@ def test_shipped_configs_validate_and_audit_and_report_by_default(path):
     the report in the one ``alignfl-audit run`` call; the centralized reference shares nothing."""
     cfg = load_config(PROJECT_ROOT / "configs" / path)
     assert cfg.report is True
-    assert cfg.audit.enabled is (cfg.strategy.name != "centralized")
+    assert cfg.audit.enabled is cfg.strategy_class.federated()
 
 
 # ------------------------------------------------------------------------------------ quickstart
@@ -86,9 +86,12 @@ def test_quickstart_runs_end_to_end(quickstart_run):
     for r in range(rounds):
         files = sorted(p.name for p in (out / "shared" / f"round-{r}").iterdir())
         assert files == sorted([f"client-{k}.safetensors" for k in range(n_clients)]
-                               + [f"client-{k}.json" for k in range(n_clients)])
+                               + [f"client-{k}.json" for k in range(n_clients)]
+                               + ["server-to-clients.safetensors", "server-to-clients.json"])
+        down = load_downlink(out / "shared" / f"round-{r}" / "server-to-clients.safetensors")
+        assert down.recipients == tuple(range(n_clients)) and down.payload.kind == "empty"  # ALIGN-FL sends nothing
         for k in range(n_clients):
-            up = load_upload(out / "shared" / f"round-{r}" / f"client-{k}.safetensors")
+            up = load_uplink(out / "shared" / f"round-{r}" / f"client-{k}.safetensors")
             assert (up.client, up.round, up.kind) == (k, r, "decoder")
     assert not (out / "shared" / f"round-{rounds}").exists()
 
@@ -116,7 +119,7 @@ def test_same_seed_same_results_different_seed_different_results(alignfl_seed0, 
     assert (run_a.path / "rounds.csv").read_bytes() == (run_b.path / "rounds.csv").read_bytes()
     assert (run_a.path / "partition.json").read_bytes() == (run_b.path / "partition.json").read_bytes()
     uploads = sorted((run_a.path / "shared" / "round-0").glob("*.safetensors"))
-    assert len(uploads) == 3
+    assert len(uploads) == 4  # three uplinks, one downlink
     for f in uploads:
         assert f.read_bytes() == (run_b.path / "shared" / "round-0" / f.name).read_bytes()
 
@@ -131,7 +134,8 @@ def test_same_seed_same_results_different_seed_different_results(alignfl_seed0, 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "centralized"])
 def test_every_strategy_writes_the_same_metric_keys(alignfl_seed0, tmp_path, strategy):
     _, ref = alignfl_seed0
-    run, m = _run(tmp_path, strategy, strategy={"name": strategy, "mu": 0.5, "epochs": 1})
+    own = {"fedavg": {}, "fedprox": {"mu": 0.5}, "centralized": {"epochs": 1}}[strategy]
+    run, m = _run(tmp_path, strategy, strategy={"name": strategy, **own})
     assert m["strategy"] == strategy
     assert set(m) == set(ref)
     assert set(m["utility"]) == set(ref["utility"]) and UTILITY_KEYS <= set(m["utility"])
@@ -145,8 +149,8 @@ def test_every_strategy_writes_the_same_metric_keys(alignfl_seed0, tmp_path, str
     else:
         assert 0.0 <= m["utility"]["tstr_accuracy"] <= 1.0
         assert "tstr_accuracy" not in m["notes"]
-        assert m["shared_artifacts"] == ["vae", "vae_spec"]
-        assert len(uploads) == 3
+        assert m["shared_artifacts"] == ["vae", "vae_spec", "global_vae (downlink)"]
+        assert len(uploads) == 4  # three uplinks and the broadcast global model
         for path in uploads:
             assert json.loads(path.with_suffix(".json").read_text())["kind"] == "vae"
             with safe_open(str(path), framework="pt") as fh:
@@ -156,12 +160,12 @@ def test_every_strategy_writes_the_same_metric_keys(alignfl_seed0, tmp_path, str
 def test_latent_gmm_is_declared_as_an_extra_shared_artifact(tmp_path):
     run, m = _run(tmp_path, "gmm", server={"sampling": "gmm", "gmm_components": 3})
     assert "latent_gmm" in m["shared_artifacts"]
-    uploads = sorted((run.path / "shared" / "round-0").glob("*.safetensors"))
+    uploads = sorted((run.path / "shared" / "round-0").glob("client-*.safetensors"))
     assert len(uploads) == 3
     for path in uploads:
         meta = json.loads(path.with_suffix(".json").read_text())
         assert meta["extra_artifacts"] == ["latent_gmm"]
-        up = load_upload(path)
+        up = load_uplink(path)
         gmm = up.extras["latent_gmm"]
         assert set(gmm) == {"weights", "means", "covariances"}
         assert gmm["means"].shape == (3, up.spec["latent_dim"])
@@ -184,7 +188,9 @@ def test_domain_cnn_training_is_deterministic():
 def test_prior_sampling_shares_no_gmm(alignfl_seed0):
     run, m = alignfl_seed0
     assert "latent_gmm" not in m["shared_artifacts"]
-    for path in (run.path / "shared" / "round-0").glob("*.json"):
+    paths = list((run.path / "shared" / "round-0").glob("*.json"))
+    assert len(paths) == 4
+    for path in paths:
         assert json.loads(path.read_text())["extra_artifacts"] == []
 
 
@@ -197,7 +203,7 @@ def test_heterogeneous_clients_share_decoders_of_their_own_architectures(tmp_pat
     run, m = _run(tmp_path, "hetero", clients=clients)
     assert m["rejected_uploads"] == []
     for k, want in enumerate(clients):
-        up = load_upload(run.path / "shared" / "round-0" / f"client-{k}.safetensors")
+        up = load_uplink(run.path / "shared" / "round-0" / f"client-{k}.safetensors")
         assert up.spec["arch"] == want["arch"] and up.spec["latent_dim"] == want["latent_dim"]
         assert not any(name.startswith("encoder") for name in up.tensors)
     assert 0.0 <= m["utility"]["tstr_accuracy"] <= 1.0

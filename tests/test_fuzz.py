@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from alignfl_audit.cli import main
 from conftest import tiny_config
 from federation.errors import UploadRejected
-from federation.messages import FORMAT, load_upload
+from federation.messages import FORMAT, load_uplink
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -90,8 +90,9 @@ def _upload_pair(directory, blob: bytes, meta: dict):
     return path
 
 
-SIDECAR = {"format": FORMAT, "client": 0, "round": 0, "kind": "decoder",
-           "spec": {"arch": "mlp", "latent_dim": 2, "hidden": [8]}, "num_samples": 5, "extra_artifacts": []}
+SIDECAR = {"format": FORMAT, "direction": "uplink", "client": 0, "round": 0, "kind": "decoder",
+           "spec": {"arch": "mlp", "latent_dim": 2, "hidden": [8]}, "num_samples": 5, "extra_artifacts": [],
+           "report": {"status": "trained", "loss": None, "dp_events": []}}
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -103,7 +104,7 @@ def test_random_upload_bytes_are_rejected_cleanly(tmp_path_factory, blob, honest
             "sha256": hashlib.sha256(blob).hexdigest() if honest_sha else "0" * 64, "bytes": len(blob)}
     path = _upload_pair(directory, blob, meta)
     with pytest.raises(UploadRejected):
-        load_upload(path)
+        load_uplink(path)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -119,4 +120,4 @@ def test_crafted_safetensors_headers_are_rejected_cleanly(tmp_path_factory, head
     blob = len(head).to_bytes(8, "little") + head + body
     meta = {**SIDECAR, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
     with pytest.raises(UploadRejected):
-        load_upload(_upload_pair(directory, blob, meta))
+        load_uplink(_upload_pair(directory, blob, meta))

@@ -11,9 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from federation.client import Client
+from federation.client import Client, ClientSetup
 from federation.errors import ConfigError, UploadRejected
-from federation.messages import FORMAT, Upload, expected_tensors, load_upload, write_upload
+from federation.messages import FORMAT, PAYLOAD_KINDS, ClientReport, Payload, Uplink, load_uplink, write_message
+from federation.privacy.spec import PrivacySpec
 from federation.models import VAE, build_decoder, normalize_spec
 from federation.training import TrainSettings
 
@@ -30,13 +31,31 @@ def _data(n=40, seed=0):
     return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 
+class _Trained:
+    """A trained client and the uplinks it would send (clones of its state)."""
+
+    def __init__(self, client: Client):
+        self.client, self.vae = client, client.vae
+
+    def decoder_upload(self, rnd: int) -> Uplink:
+        return Uplink(0, rnd, self.client.decoder_payload(), self.client.setup.num_samples, ClientReport())
+
+    def full_upload(self, rnd: int) -> Uplink:
+        return Uplink(0, rnd, self.client.vae_payload(), self.client.setup.num_samples, ClientReport())
+
+
+def write_upload(up: Uplink, folder: Path) -> Path:
+    return write_message(up, folder)
+
+
 @pytest.fixture(scope="module")
 def trained_client():
     """A client whose VAE has taken some optimizer steps (so its weights are not an initialization).
     Tests only read it: uploads hold clones of its state."""
-    client = Client(0, SMALL, _data(), TrainSettings(rounds=1, local_epochs=1, batch_size=16), seed=5)
+    setup = ClientSetup(0, _data(), SMALL, TrainSettings(rounds=1, local_epochs=1, batch_size=16), 5, PrivacySpec())
+    client = Client(setup, None, 0)
     client.train_round()
-    return client
+    return _Trained(client)
 
 
 # --------------------------------------------------------------------------------------- models
@@ -108,7 +127,7 @@ def test_bad_specs_raise_config_error(spec, match):
 # ------------------------------------------------------------------------------------- uploads
 def test_write_and_load_upload_round_trip(tmp_path, trained_client):
     up = trained_client.full_upload(rnd=3)
-    up.extras = {"stats": {"mean": torch.tensor([1.0, 2.0])}}
+    up.payload.extras = {"stats": {"mean": torch.tensor([1.0, 2.0])}}
     path = write_upload(up, tmp_path / "round-3")
     assert path == tmp_path / "round-3" / "client-0.safetensors"
     meta = json.loads(path.with_suffix(".json").read_text())
@@ -116,7 +135,7 @@ def test_write_and_load_upload_round_trip(tmp_path, trained_client):
     assert meta["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert meta["bytes"] == path.stat().st_size
     assert meta["extra_artifacts"] == ["stats"]
-    back = load_upload(path)
+    back = load_uplink(path)
     assert (back.client, back.round, back.kind, back.num_samples) == (0, 3, "vae", 40)
     assert back.spec == trained_client.vae.spec
     assert set(back.tensors) == set(up.tensors)
@@ -139,7 +158,7 @@ def test_alignfl_upload_holds_only_decoder_tensors(tmp_path, trained_client):
         keys = set(fh.keys())
     assert keys == {f"decoder.{k}" for k in decoder_names}
     assert not any(k.startswith("encoder") for k in keys)
-    back = load_upload(path)
+    back = load_uplink(path)
     assert set(back.tensors) == decoder_names
     enc = list(trained_client.vae.encoder.state_dict().values())
     for name, t in back.tensors.items():
@@ -158,7 +177,7 @@ def test_rejects_tensors_that_do_not_match_the_spec(tmp_path, trained_client):
     path = write_upload(trained_client.decoder_upload(0), tmp_path)
     _rewrite_sidecar(path, spec={**trained_client.vae.spec, "latent_dim": 3})
     with pytest.raises(UploadRejected) as err:
-        load_upload(path)
+        load_uplink(path)
     msg = str(err.value)
     assert "(16, 2)" in msg and "(16, 3)" in msg and "latent_dim=3" in msg, msg
 
@@ -168,16 +187,16 @@ def test_rejects_missing_and_undeclared_tensors(tmp_path, trained_client):
     first = sorted(up.tensors)[0]
     del up.tensors[first]
     with pytest.raises(UploadRejected, match="missing"):
-        load_upload(write_upload(up, tmp_path / "a"))
+        load_uplink(write_upload(up, tmp_path / "a"))
     # an encoder tensor smuggled into a decoder upload
-    flat = trained_client.decoder_upload(0).flat_tensors()
+    flat = trained_client.decoder_upload(0).payload.flat_tensors()
     flat["encoder.mu.weight"] = trained_client.vae.encoder.mu.weight.detach().clone()
     path = write_upload(trained_client.decoder_upload(0), tmp_path / "b")
     blob = st_save(flat)
     path.write_bytes(blob)
     _rewrite_sidecar(path, sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob))
     with pytest.raises(UploadRejected, match="undeclared tensors"):
-        load_upload(path)
+        load_uplink(path)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -187,7 +206,7 @@ def test_rejects_non_finite_values(tmp_path, trained_client, bad):
     up.tensors[name] = up.tensors[name].clone()
     up.tensors[name].view(-1)[0] = bad
     with pytest.raises(UploadRejected, match=f"{name}.*non-finite"):
-        load_upload(write_upload(up, tmp_path))
+        load_uplink(write_upload(up, tmp_path))
 
 
 def test_rejects_sha_mismatch(tmp_path, trained_client):
@@ -195,11 +214,11 @@ def test_rejects_sha_mismatch(tmp_path, trained_client):
     tampered = trained_client.decoder_upload(0)
     name = sorted(tampered.tensors)[0]
     tampered.tensors[name] = tampered.tensors[name] + 1.0  # same size, different bytes
-    blob = st_save(tampered.flat_tensors())
+    blob = st_save(tampered.payload.flat_tensors())
     assert len(blob) == path.stat().st_size
     path.write_bytes(blob)
     with pytest.raises(UploadRejected, match="sha256"):
-        load_upload(path)
+        load_uplink(path)
 
 
 class _Marker:
@@ -228,7 +247,7 @@ def test_rejects_pickle_without_unpickling(tmp_path, trained_client, writer):
     path.write_bytes(blob)
     _rewrite_sidecar(path, sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob))  # passes the sha check
     with pytest.raises(UploadRejected, match="not a valid safetensors file"):
-        load_upload(path)
+        load_uplink(path)
     assert not marker.exists()
 
 
@@ -236,8 +255,8 @@ def test_rejects_uploads_over_the_size_limit(tmp_path, trained_client):
     path = write_upload(trained_client.decoder_upload(0), tmp_path)
     size = path.stat().st_size
     with pytest.raises(UploadRejected, match=f"{size} bytes exceeds the 1000-byte limit"):
-        load_upload(path, max_bytes=1000)
-    assert load_upload(path, max_bytes=size).client == 0  # the limit is inclusive
+        load_uplink(path, max_bytes=1000)
+    assert load_uplink(path, max_bytes=size).client == 0  # the limit is inclusive
 
 
 @pytest.mark.parametrize("change,match", [
@@ -252,7 +271,7 @@ def test_rejects_bad_sidecars(tmp_path, trained_client, change, match):
     path = write_upload(trained_client.decoder_upload(0), tmp_path)
     _rewrite_sidecar(path, **change)
     with pytest.raises(UploadRejected, match=match):
-        load_upload(path)
+        load_uplink(path)
 
 
 @pytest.mark.parametrize("change", [{"round": None}, {"round": "x"}, {"extra_artifacts": 5},
@@ -262,7 +281,7 @@ def test_rejects_malformed_sidecar_fields(tmp_path, trained_client, change):
     path = write_upload(trained_client.decoder_upload(0), tmp_path)
     _rewrite_sidecar(path, **change)
     with pytest.raises(UploadRejected):
-        load_upload(path)
+        load_uplink(path)
 
 
 def test_rejects_a_sidecar_naming_another_client(tmp_path, trained_client):
@@ -270,34 +289,35 @@ def test_rejects_a_sidecar_naming_another_client(tmp_path, trained_client):
     path = write_upload(trained_client.decoder_upload(0), tmp_path)
     _rewrite_sidecar(path, client=3)
     with pytest.raises(UploadRejected, match="says client 3 but the file is client-0"):
-        load_upload(path)
+        load_uplink(path)
 
 
 def test_rejects_missing_sidecar_and_missing_file(tmp_path, trained_client):
     path = write_upload(trained_client.decoder_upload(0), tmp_path)
     path.with_suffix(".json").unlink()
-    with pytest.raises(UploadRejected, match="unreadable upload"):
-        load_upload(path)
-    with pytest.raises(UploadRejected, match="unreadable upload"):
-        load_upload(tmp_path / "client-9.safetensors")
+    with pytest.raises(UploadRejected, match="unreadable message"):
+        load_uplink(path)
+    with pytest.raises(UploadRejected, match="unreadable message"):
+        load_uplink(tmp_path / "client-9.safetensors")
 
 
 def test_vae_upload_cannot_pose_as_decoder(tmp_path, trained_client):
     path = write_upload(trained_client.full_upload(0), tmp_path)
     _rewrite_sidecar(path, kind="decoder")
     with pytest.raises(UploadRejected, match="undeclared tensors"):
-        load_upload(path)
+        load_uplink(path)
 
 
 def test_expected_tensors_match_modules():
-    assert set(expected_tensors("decoder", SMALL)) == set(build_decoder(SMALL).state_dict())
-    assert set(expected_tensors("vae", SMALL)) == set(VAE(SMALL).state_dict())
-    assert any(k.startswith("encoder.") for k in expected_tensors("vae", SMALL))
+    assert set(PAYLOAD_KINDS["decoder"](SMALL)) == set(build_decoder(SMALL).state_dict())
+    assert set(PAYLOAD_KINDS["vae"](SMALL)) == set(VAE(SMALL).state_dict())
+    assert any(k.startswith("encoder.") for k in PAYLOAD_KINDS["vae"](SMALL))
+    assert PAYLOAD_KINDS["empty"] is None
 
 
 def test_upload_flat_names_are_prefixed_by_kind():
-    up = Upload(1, 0, "decoder", normalize_spec(SMALL), build_decoder(SMALL).state_dict(), 10,
-                {"latent_gmm": {"weights": torch.ones(2)}})
+    up = Payload("decoder", normalize_spec(SMALL), build_decoder(SMALL).state_dict(),
+                 {"latent_gmm": {"weights": torch.ones(2)}})
     flat = up.flat_tensors()
     assert all(k.startswith("decoder.") or k.startswith("extra.latent_gmm.") for k in flat)
     assert "extra.latent_gmm.weights" in flat

@@ -22,11 +22,11 @@ import pytest
 from alignfl_audit.accounting import ACCOUNTANTS, epsilons
 from alignfl_audit.cli import main as cli_main
 from alignfl_audit.config import from_dict
-from alignfl_audit.orchestrate import load_data, new_ledger, run_experiment, training_units
+from alignfl_audit.orchestrate import client_setups, load_data, new_ledger, run_experiment
 from conftest import tiny_config
 from federation.client import Client
 from federation.data.partition import make_partition
-from federation.messages import load_upload
+from federation.messages import load_uplink
 from federation.privacy.budget import EPSILON_TOLERANCE, spent_epsilon
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -182,21 +182,26 @@ def test_a_client_never_overruns_its_budget(tmp_path):
     data = load_data(cfg)
     partition = make_partition(cfg.partition, data.train.labels, data.outlier_train.labels, cfg.data.dataset,
                                cfg.outlier_dataset, cfg.seed)
-    units = training_units(cfg, data, partition)[:1]
-    ledger = new_ledger(cfg, units)
-    unit = units[0]
-    client = Client(0, unit.spec, unit.data, unit.settings, cfg.seed, cfg.privacy, unit.dp_plan, ledger)
-    losses = [client.train_round() for _ in range(ROUNDS + 1)]
+    setup = client_setups(cfg, data, partition, only=0)[0]
+    state, losses, events = None, [], []
+    for rnd in range(ROUNDS + 1):  # the client is rebuilt from its saved state every round, as engines do
+        client = Client(setup, state, rnd)
+        loss, spent_now = client.train_round()
+        losses.append(loss)
+        events += spent_now
+        state = client.state_dict()
     assert all(isinstance(v, float) and np.isfinite(v) for v in losses[:ROUNDS]), losses
     assert losses[ROUNDS] is None and client.budget_exhausted
-    assert client.train_round() is None  # and stays refused
+    assert Client(setup, state, ROUNDS + 1).train_round() == (None, [])  # and stays refused
+    ledger = new_ledger(cfg, [setup], [])
+    ledger.merge(events)
     assert len(ledger.events) == ROUNDS
     assert [e.round for e in ledger.events] == list(range(ROUNDS))
     spent = spent_epsilon(cfg.privacy, ledger.history(0))
     assert spent <= TARGET_EPSILON + EPSILON_TOLERANCE
     assert epsilons(ledger.history(0), DELTA)["headline"]["epsilon"] <= TARGET_EPSILON
     # one more round would have overrun it
-    planned = (unit.dp_plan.noise_multiplier, unit.dp_plan.sample_rate, unit.dp_plan.steps_per_epoch)
+    planned = (setup.dp_plan.noise_multiplier, setup.dp_plan.sample_rate, setup.dp_plan.steps_per_epoch)
     assert spent_epsilon(cfg.privacy, ledger.history(0) + [planned]) > TARGET_EPSILON + EPSILON_TOLERANCE
 
 
@@ -246,7 +251,7 @@ def test_only_lcd_spectral_uploads_carry_the_spectral_spec(no_guarantee_run):
     assert len(sidecars) == 2 * ROUNDS
     for sidecar in sidecars:
         assert json.loads(sidecar.read_text())["spec"]["spectral_norm"] is spectral
-        upload = load_upload(sidecar.with_suffix(".safetensors"))  # the server rebuilds it from the spec
+        upload = load_uplink(sidecar.with_suffix(".safetensors"))  # the server rebuilds it from the spec
         assert upload.spec["spectral_norm"] is spectral
         assert any("parametrizations" in k for k in upload.tensors) is spectral
     assert read(path, "metrics.json")["rejected_uploads"] == []

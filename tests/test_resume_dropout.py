@@ -12,12 +12,13 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from alignfl_audit.cli import main
 from alignfl_audit.config import from_dict
 from alignfl_audit.orchestrate import run_experiment
-from conftest import PROJECT_ROOT, tiny_config
+from conftest import PROJECT_ROOT, Federation, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -85,6 +86,9 @@ def test_dropped_clients_spend_no_budget_and_never_seen_clients_contribute_nothi
     rows = _rows(run)
     ledger = json.loads((run / "privacy_ledger.json").read_text())
     took_part = {k: [int(r["round"]) for r in rows if r[f"client{k}_participated"] == "True"] for k in range(3)}
+    for k in range(3):  # selected for a round = trained and replied in it (no delays, no faults here)
+        assert took_part[k] == [int(r["round"]) for r in rows if r[f"client{k}_status"] == "replied"]
+        assert all(r[f"client{k}_status"] == "not-selected" for r in rows if int(r["round"]) not in took_part[k])
     assert any(len(v) < 5 for v in took_part.values()), "participation 0.4 over 15 draws dropped nobody"
     for k in range(3):
         spent = [e["round"] for e in ledger["events"] if e["client"] == k]
@@ -92,9 +96,13 @@ def test_dropped_clients_spend_no_budget_and_never_seen_clients_contribute_nothi
         for rnd in range(5):
             exists = (run / "shared" / f"round-{rnd}" / f"client-{k}.safetensors").is_file()
             assert exists == (rnd in took_part[k])
+            # the round's downlink names exactly the selected clients
+            downs = [json.loads(p.read_text())["recipients"] for p in (run / "shared" / f"round-{rnd}").glob(
+                "server-to-client*.json")]
+            assert (k in sum(downs, [])) == (rnd in took_part[k])
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["participation"] == {"probability": 0.4,
-                                        "rounds_per_client": {str(k): len(v) for k, v in took_part.items()}}
+    assert metrics["participation"]["probability"] == 0.4
+    assert metrics["participation"]["rounds_per_client"] == {str(k): len(v) for k, v in took_part.items()}
     # the metrics' epsilon comes from exactly those events: fewer rounds, less epsilon
     eps = {k: v["headline"]["epsilon"] for k, v in metrics["privacy"]["clients"].items()}
     fewest, most = min(took_part, key=lambda k: len(took_part[k])), max(took_part, key=lambda k: len(took_part[k]))
@@ -103,23 +111,19 @@ def test_dropped_clients_spend_no_budget_and_never_seen_clients_contribute_nothi
 
 
 def test_a_client_that_never_takes_part_contributes_nothing(tmp_path):
-    from federation.client import Client
-    from federation.strategies.alignfl import AlignFL
-    from federation.training import TrainSettings
-
-    import torch
-
-    settings = TrainSettings(rounds=1, local_epochs=1, batch_size=16)
-    spec = {"arch": "mlp", "latent_dim": 2, "hidden": [16]}
-    clients = [Client(i, spec, torch.rand(20, 1, 28, 28), settings, seed=0) for i in range(4)]
-    strategy = AlignFL(clients, settings, spec, 0, samples_per_client=10, server_epochs=1, participation=0.5)
-    seen = set()
+    fed = Federation(tiny_config(partition={"client_classes": [[0, 1], [2, 3], [4, 5], [6, 7]]},
+                                 server={"participation": 0.5}), tmp_path)
+    seen, skipped = set(), 0
     for rnd in range(3):
-        record = strategy.run_round(rnd, tmp_path / f"round-{rnd}")
-        seen |= {k for k in range(4) if record[f"client{k}_participated"]}
-        assert set(strategy.server.decoders) == seen  # only clients that ever took part
-        x, y = strategy.last_synthetic if seen else (None, torch.zeros(0))
+        record = fed.round(rnd)
+        replied = {k for k in range(4) if record.clients[k].status == "replied"}
+        assert all(record.clients[k].status == "not-selected" for k in range(4) if k not in replied)
+        skipped += 4 - len(replied)
+        seen |= replied
+        assert set(fed.strategy.server.decoders) == seen  # only clients that ever took part
+        x, y = fed.strategy.last_synthetic if seen else (None, torch.zeros(0))
         assert set(y.tolist()) == seen
+    assert skipped > 0, "participation 0.5 over 12 draws selected everybody: the test shows nothing"
 
 
 def test_participation_must_be_a_probability(capsys, tmp_path):

@@ -119,6 +119,8 @@ def accept_arrivals(arrivals: list[Arrival], shared_dir: Path, kinds: tuple[str,
             up = load_uplink(path, kinds=kinds)
             if up.round != a.sent_round:
                 raise UploadRejected(f"{path.name}: answers round {up.round} but was sent in round {a.sent_round}")
+            if up.client != a.client:
+                raise UploadRejected(f"{path.name}: came from client {a.client} but says it is client {up.client}")
         except UploadRejected as err:
             statuses[a.client] = ClientRound(REJECTED, staleness=rnd - a.sent_round, reason=str(err))
             report = _salvage_report(a, str(err))

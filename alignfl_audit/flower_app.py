@@ -50,7 +50,8 @@ def _server_main(grid: Grid, context: Context) -> None:
         torch.set_num_threads(int(rc["threads"]))
         cfg = read_run_config(run)
         data, partition, setups = prepare(cfg, str(rc.get("data-root", "")) or None)
-        client_ids = list(range(len(partition.shards)))
+        # a strategy without federation (the centralized reference) trains in the ServerApp and messages no node
+        client_ids = list(range(len(partition.shards))) if cfg.strategy_class.federated() else []
         hello = {"config": dump_config(cfg), "threads": int(rc["threads"]), "data-root": str(rc.get("data-root", "")),
                  "shards": _shard_digests(partition)}
         engine = FlowerEngine(grid, cfg.engine, client_ids, hello)

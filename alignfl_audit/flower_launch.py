@@ -109,16 +109,13 @@ def submit(home: Path, run: RunDir, cfg: ExperimentConfig, data_root, n_clients:
     run_config = f"run-dir={_toml_str(run.path.resolve())} data-root={root} threads={torch.get_num_threads()}"
     cmd = [_flower_bin("flwr"), "run", str(BUNDLE), CONNECTION, "--stream", "--run-config", run_config]
     if cfg.engine.mode == "simulation":
-        cmd += ["--federation-config", f"num-supernodes={n_clients} client-resources-num-cpus={cfg.engine.client_cpus}"]
+        cmd += ["--federation-config", f"num-supernodes={max(1, n_clients)} client-resources-num-cpus={cfg.engine.client_cpus}"]
     log = run.file(FLOWER_LOG).open("ab")
     return subprocess.Popen(cmd, env=_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def run_on_flower(cfg: ExperimentConfig, data_root=None, out=None, quiet: bool = False) -> RunDir:
     """Everything that can fail on bad input fails before the run directory is made."""
-    if not cfg.strategy_class.federated():
-        raise FederationError(f"the {cfg.strategy.name} strategy has no federation to run on Flower; "
-                              "use engine.name: inprocess")
     _, partition, _ = prepare(cfg, data_root)
     home = Path(tempfile.mkdtemp(prefix="alignfl-flwr-"))
     superlink = None
@@ -134,7 +131,7 @@ def run_on_flower(cfg: ExperimentConfig, data_root=None, out=None, quiet: bool =
         run = RunDir.create(out, cfg.name, cfg.seed)
         write_run_header(run, cfg, partition)
         run.log(f"submitted to the Flower {cfg.engine.mode} SuperLink at {address}")
-        flwr = submit(home, run, cfg, data_root, len(partition.shards))
+        flwr = submit(home, run, cfg, data_root, len(partition.shards) if cfg.strategy_class.federated() else 0)
         try:
             _wait(run, flwr, superlink)
         except BaseException as err:

@@ -54,7 +54,38 @@ SYSTEMS = {
     "alignfl-dropout0": ("paper-{ds}.yaml", ["server.participation=1.0"]),
     "alignfl-dropout30": ("paper-{ds}.yaml", ["server.participation=0.7"]),
     "alignfl-dropout60": ("paper-{ds}.yaml", ["server.participation=0.4"]),
+    # permanent dropout: client 4 (the only holder of classes 8 and 9) leaves for good from round 3
+    "alignfl-leave4r3": ("paper-{ds}.yaml", ["server.dropout={client: 4, from_round: 3}"]),
+    "fedavg-leave4r3": ("paper-{ds}.yaml", ["strategy.name=fedavg", "server.dropout={client: 4, from_round: 3}"]),
 }
+
+
+def derived_config(config: str, sets: list[str], label: str) -> tuple[Path, list[str]]:
+    """A strategy other than the file's gets its own config: the file's server keys that the strategy
+    does not declare are left out (the config refuses them), the rest of the file is kept."""
+    import dataclasses
+
+    import yaml
+
+    from federation.strategies import STRATEGIES
+
+    path = ROOT / "configs" / config
+    names = [s.split("=", 1)[1] for s in sets if s.startswith("strategy.name=")]
+    if not names:
+        return path, sets
+    data = yaml.safe_load(path.read_text())
+    cls = STRATEGIES[names[-1]]
+    data["strategy"] = {"name": names[-1]}
+    if cls.ServerSettings is None:  # no federation: nothing shared, nothing to audit
+        data.pop("server", None)
+        data["audit"] = False
+    else:
+        declared = {f.name for f in dataclasses.fields(cls.ServerSettings)}
+        data["server"] = {k: v for k, v in (data.get("server") or {}).items() if k in declared}
+    out = HERE / "runs" / f"{label}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out, [s for s in sets if not s.startswith("strategy.name=")]
 
 
 def run_one(label: str, config: str, sets: list[str], seed: int, data_root: str, threads: int) -> str:
@@ -64,7 +95,8 @@ def run_one(label: str, config: str, sets: list[str], seed: int, data_root: str,
     run_dir = HERE / "runs" / label
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "alignfl_audit.cli", "run", str(ROOT / "configs" / config), "--data-root",
+    config_path, sets = derived_config(config, sets, label)
+    cmd = [sys.executable, "-m", "alignfl_audit.cli", "run", str(config_path), "--data-root",
            data_root, "--out", str(run_dir), "--seed", str(seed), "--quiet", "--no-audit", "--no-report"]
     for s in sets:
         cmd += ["--set", s]

@@ -20,6 +20,7 @@ import yaml
 from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
 from alignfl_audit.cli import main
+from alignfl_audit.flower_launch import _flower_bin
 from conftest import tiny_config
 from federation.engines.flower import FlowerEngine
 from federation.engines.flower_settings import FlowerSettings
@@ -208,7 +209,7 @@ class Deployment:
         self.port = _free_port()
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "FLWR_DISABLE_UPDATE_CHECK": "1"}
-        self._start(["flower-superlink", "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
+        self._start([_flower_bin("flower-superlink"), "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
                      "--port", str(self.port), "--disable-runtime-dependency-installation"], "superlink")
 
     def _start(self, cmd, name):
@@ -217,7 +218,7 @@ class Deployment:
                                            start_new_session=True))
 
     def supernode(self, partition: int, name: str):
-        self._start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+        self._start([_flower_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                      "--port", str(_free_port()), "--node-config", f"partition-id={partition}"], name)
 
     def close(self):

@@ -1,0 +1,137 @@
+"""Engines side by side, in one script on one machine (the engine issue's benchmarks).
+
+1. In-process speed before and after the strategy contract: training wall time of the quickstart and
+   of one paper-mnist round, at a reference commit (run from a git worktree of it) and at this
+   checkout, interleaved, medians of ``--repeats``.
+2. Each engine on the same work: the quickstart (training only) and one paper-mnist round, in-process
+   and on Flower's simulation runtime.
+3. Flower's fixed costs, from a tiny federation at 1 and 3 rounds on both engines:
+   per-round overhead = ((F3 - F1) - (I3 - I1)) / 2, start-up = (F1 - I1) - per-round overhead.
+
+    python benchmarks/engines.py --data-root ../shared/datasets --before-worktree /tmp/wt-53b1108
+
+Every run goes through the CLI in a fresh process with the same thread count. Results go to
+``benchmarks/results/engines.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results" / "engines.json"
+
+TINY = {
+    "name": "bench-tiny", "seed": 0, "data": {"dataset": "mnist", "allow_embedded": True},
+    "partition": {"scheme": "class_disjoint", "client_classes": [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]],
+                  "samples_per_class": 30, "holdout_per_class": 10},
+    "model": {"arch": "mlp", "latent_dim": 2, "hidden": [32, 16]},
+    "training": {"rounds": 1, "local_epochs": 1, "batch_size": 32},
+    "server": {"samples_per_client": 40, "epochs": 1, "sampling": "prior"},
+    "strategy": {"name": "alignfl"},
+    "metrics": {"fid_samples": 100, "domain_cnn_epochs": 1, "tstr_epochs": 1, "figures": False,
+                "probe_every_round": False},
+    "audit": False, "report": False,
+}
+
+
+def run(config: Path, sets: list[str], threads: int, data_root: str | None, pythonpath: str | None = None) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="bench-")) / "run"
+    cmd = [sys.executable, "-m", "alignfl_audit.cli", "run", str(config), "--out", str(out), "--quiet",
+           "--no-audit", "--no-report"]
+    if data_root:
+        cmd += ["--data-root", data_root]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=pythonpath or ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"wall": round(wall, 2), "train": metrics["timing_seconds"]["train"], "utility": metrics["utility"]}
+
+
+def median(xs):
+    return round(statistics.median(xs), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True, help="full MNIST (for the paper-mnist round)")
+    parser.add_argument("--before-worktree", required=True, help="a git worktree of the reference commit")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    before = str(Path(args.before_worktree).resolve())
+    ref = subprocess.run(["git", "-C", before, "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    quick, paper = ROOT / "configs" / "quickstart.yaml", ROOT / "configs" / "paper-mnist.yaml"
+    quick_before, paper_before = Path(before) / "configs" / "quickstart.yaml", Path(before) / "configs" / "paper-mnist.yaml"
+    one_round = ["training.rounds=1"]
+    t = args.threads
+    out: dict = {"threads": t, "repeats": args.repeats, "reference_commit": ref, "commit": head,
+                 "machine": f"{os.cpu_count()} cores"}
+
+    # 1. in-process before/after, interleaved
+    series: dict[str, list] = {k: [] for k in ("quick_before", "quick_after", "paper1_before", "paper1_after")}
+    for _ in range(args.repeats):
+        series["quick_before"].append(run(quick_before, [], t, None, before))
+        series["quick_after"].append(run(quick, [], t, None))
+        series["paper1_before"].append(run(paper_before, one_round, t, args.data_root, before))
+        series["paper1_after"].append(run(paper, one_round, t, args.data_root))
+        print(json.dumps({k: v[-1]["train"] for k, v in series.items()}), flush=True)
+    out["inprocess_before_after"] = {
+        k: {"train_seconds": [r["train"] for r in v], "median_train": median([r["train"] for r in v]),
+            "median_wall": median([r["wall"] for r in v]), "utility": v[0]["utility"]} for k, v in series.items()}
+    for name in ("quick", "paper1"):
+        b, a = out["inprocess_before_after"][f"{name}_before"], out["inprocess_before_after"][f"{name}_after"]
+        out["inprocess_before_after"][f"{name}_ratio_after_over_before"] = round(a["median_train"] / b["median_train"], 3)
+
+    # 2. each engine on the same work
+    engines: dict[str, dict] = {}
+    for label, config, sets, root in (("quickstart", quick, [], None), ("paper-mnist-1-round", paper, one_round,
+                                                                          args.data_root)):
+        for engine in ("inprocess", "flower"):
+            runs = [run(config, sets + [f"engine.name={engine}"], t, root) for _ in range(max(1, args.repeats - 1))]
+            engines[f"{label}/{engine}"] = {"median_wall": median([r["wall"] for r in runs]),
+                                            "median_train": median([r["train"] for r in runs]),
+                                            "utility": runs[0]["utility"]}
+            print(label, engine, engines[f"{label}/{engine}"], flush=True)
+    out["engines"] = engines
+
+    # 3. Flower's fixed costs
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tiny.yaml"
+        path.write_text(yaml.safe_dump(TINY))
+        walls = {}
+        for engine in ("inprocess", "flower"):
+            for rounds in (1, 3):
+                walls[engine, rounds] = median([run(path, [f"engine.name={engine}", f"training.rounds={rounds}"], t,
+                                                    None)["wall"] for _ in range(args.repeats)])
+    per_round = ((walls["flower", 3] - walls["flower", 1]) - (walls["inprocess", 3] - walls["inprocess", 1])) / 2
+    out["flower_fixed_costs"] = {"tiny_walls": {f"{e}/{r}": w for (e, r), w in walls.items()},
+                                 "per_round_overhead_seconds": round(per_round, 2),
+                                 "startup_seconds": round(walls["flower", 1] - walls["inprocess", 1] - per_round, 2)}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -43,6 +43,8 @@ def _free_port() -> int:
 
 def _env(home: Path) -> dict:
     env = dict(os.environ)
+    # Flower starts its own helpers (flwr-serverapp, flwr-clientapp) by name: this interpreter's first
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1",
                PYTHONUNBUFFERED="1")
     return env

@@ -207,7 +207,9 @@ class Deployment:
     def __init__(self, home: Path):
         self.home, self.procs = home, []
         self.port = _free_port()
-        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        from alignfl_audit.flower_launch import _env
+
+        self.env = {**_env(home), "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "FLWR_DISABLE_UPDATE_CHECK": "1"}
         self._start([_flower_bin("flower-superlink"), "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
                      "--port", str(self.port), "--disable-runtime-dependency-installation"], "superlink")

@@ -37,15 +37,11 @@ AUDIT_FORMAT = "alignfl-audit/1"
 
 
 def _config(run: RunDir, overrides: dict) -> ExperimentConfig:
-    import yaml
-
     path = run.file(layout.CONFIG)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise DataError(f"cannot read the run's resolved config {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} is not a resolved config (not a YAML mapping)")
+        data = run.resolved_config_data()
+    except ConfigError as err:
+        raise DataError(str(err)) from None
     for dotted, value in overrides.items():
         if not dotted.startswith("audit."):
             raise ConfigError(f"audit --set only takes audit.* keys, got {dotted!r}")

@@ -176,19 +176,10 @@ def write_run_header(run: RunDir, cfg: ExperimentConfig, partition: Partition) -
 
 def read_run_config(run: RunDir) -> ExperimentConfig:
     """A run's resolved config, read by its recorded format (an earlier version's config is migrated)."""
-    import yaml
-
     from alignfl_audit.config import from_dict, migrate_config
 
+    data = run.resolved_config_data()
     path = run.file(layout.CONFIG)
-    if not path.is_file():
-        raise ConfigError(f"{run.path} is not a run directory (no {layout.CONFIG})")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} is not a resolved config (not a YAML mapping)")
     try:
         return from_dict(migrate_config(data))
     except ConfigError as err:

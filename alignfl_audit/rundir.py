@@ -88,6 +88,23 @@ class RunDir:
         self.write_json(layout.STATUS, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
         self.log(f"status {state}" + "".join(f" {k}={v}" for k, v in info.items()))
 
+    def resolved_config_data(self) -> dict:
+        """The run's config.resolved.yaml as a mapping, as written (not yet migrated or validated)."""
+        import yaml
+
+        from federation.errors import ConfigError
+
+        path = self.file(layout.CONFIG)
+        if not path.is_file():
+            raise ConfigError(f"{self.path} is not a run directory (no {layout.CONFIG})")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read the run's resolved config {path}: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} is not a resolved config (not a YAML mapping)")
+        return data
+
     def status(self) -> dict:
         """The recorded status ({} while none is written or it cannot be read)."""
         try:

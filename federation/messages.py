@@ -299,25 +299,26 @@ def read_encoded(path: Path, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[bytes,
     return blob, meta
 
 
-def load_uplink(path: Path, kinds: tuple[str, ...] | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> Uplink:
-    """Read and validate ``client-K.safetensors`` (+ .json); the file must be named for its sender."""
+def _load(path: Path, direction: str, kinds, max_bytes: int):
+    """Read and validate a message file; its name must match who sent it (uplink) or whom it addresses."""
     path = Path(path)
     blob, meta = read_encoded(path, max_bytes)
-    up = decode(blob, meta, direction="uplink", name=path.name, kinds=kinds, max_bytes=max_bytes)
-    if path.stem != file_stem("uplink", up.client):
-        raise UploadRejected(f"{path.with_suffix('.json').name}: the sidecar says client {up.client} but the file "
-                             f"is {path.name}")
-    return up
+    msg = decode(blob, meta, direction=direction, name=path.name, kinds=kinds, max_bytes=max_bytes)
+    who = msg.client if direction == "uplink" else msg.recipients
+    if path.stem != file_stem(direction, who):
+        said = f"says client {who}" if direction == "uplink" else f"addresses clients {list(who)}"
+        raise UploadRejected(f"{path.with_suffix('.json').name}: the sidecar {said} but the file is {path.name}")
+    return msg
+
+
+def load_uplink(path: Path, kinds: tuple[str, ...] | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> Uplink:
+    """Read and validate ``client-K.safetensors`` (+ .json); the file must be named for its sender."""
+    return _load(path, "uplink", kinds, max_bytes)
 
 
 def load_downlink(path: Path, kinds: tuple[str, ...] | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> Downlink:
-    path = Path(path)
-    blob, meta = read_encoded(path, max_bytes)
-    down = decode(blob, meta, direction="downlink", name=path.name, kinds=kinds, max_bytes=max_bytes)
-    if path.stem != file_stem("downlink", down.recipients):
-        raise UploadRejected(f"{path.name}: the sidecar addresses clients {list(down.recipients)}, which does not "
-                             "match the file name")
-    return down
+    """Read and validate ``server-to-client(s)*.safetensors`` (+ .json); named for its recipients."""
+    return _load(path, "downlink", kinds, max_bytes)
 
 
 def load_message(path: Path, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:

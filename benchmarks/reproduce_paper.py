@@ -88,8 +88,9 @@ def derived_config(config: str, sets: list[str], label: str) -> tuple[Path, list
     return out, [s for s in sets if not s.startswith("strategy.name=")]
 
 
-def run_one(label: str, config: str, sets: list[str], seed: int, data_root: str, threads: int) -> str:
-    out_json = RESULTS / f"{label}.json"
+def run_one(label: str, config: str, sets: list[str], seed: int, data_root: str, threads: int,
+            results: Path = RESULTS) -> str:
+    out_json = results / f"{label}.json"
     if out_json.exists():
         return f"{label}: done before, skipped"
     run_dir = HERE / "runs" / label
@@ -109,7 +110,7 @@ def run_one(label: str, config: str, sets: list[str], seed: int, data_root: str,
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["benchmark"] = {"label": label, "command": " ".join(cmd[1:]), "wall_seconds": round(wall, 1),
                             "threads": threads, "overrides": sets}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(metrics, indent=2) + "\n")
     return f"{label}: probe_accuracy={metrics['utility']['probe_accuracy']:.4f} wall={wall:.0f}s"
 
@@ -122,12 +123,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores/jobs threads)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: cores/jobs)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files (default: results/)")
     args = parser.parse_args()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     plan = [(f"{ds}-{system}-seed{seed}", SYSTEMS[system][0].format(ds=ds), SYSTEMS[system][1], seed)
             for ds in args.datasets for seed in args.seeds for system in args.systems]
     with ThreadPoolExecutor(args.jobs) as pool:
-        for line in pool.map(lambda p: run_one(*p, args.data_root, threads), plan):
+        for line in pool.map(lambda p: run_one(*p, args.data_root, threads, args.results), plan):
             print(line, flush=True)
 
 

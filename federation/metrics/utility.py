@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from federation.errors import FederationError
 from federation.rng import seeded_generator
 from federation.metrics.domain_cnn import SmallCNN, features, predict
 from federation.metrics.fid import frechet_distance
@@ -16,7 +17,11 @@ from federation.training import decode, encode_mu
 
 
 def probe(vae, test_x: torch.Tensor, test_labels: np.ndarray, seed: int, max_iter: int) -> dict:
-    return linear_probe(encode_mu(vae, test_x).numpy(), test_labels, seed, max_iter)
+    mu = encode_mu(vae, test_x)
+    if not bool(torch.isfinite(mu).all()):
+        raise FederationError("the global model's encoder gives non-finite outputs: training diverged "
+                              "(a lower training.lr may help)")
+    return linear_probe(mu.numpy(), test_labels, seed, max_iter)
 
 
 def prior_samples(vae, n: int, seed: int) -> torch.Tensor:

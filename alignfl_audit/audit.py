@@ -173,7 +173,8 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     references = timed("references", _references, shared, clients, cfg, test, seed, tick) \
         if a.reference_models else None
     evidence: dict[str, np.ndarray] = {}
-    mia = timed("membership", _membership, shared, clients, images, a, references, seed, evidence, tick)
+    mia, games = timed("membership", _membership, shared, clients, images, train.labels, a, references, seed,
+                       evidence, tick)
     delta = cfg.privacy.delta
     eps = _empirical_epsilon(evidence, list(mia), delta, a.alpha, seed)
     tick("outliers")
@@ -183,7 +184,7 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
         out_test = _load(out_ds, "test", provenance, data_root, cfg)
         outliers = timed("outliers", _outliers, shared, part, images, test, out_train, out_test, a, seed, run)
     tick("lipschitz")
-    lipschitz = timed("lipschitz", _lipschitz, shared, clients, images, a, seed)
+    lipschitz = timed("lipschitz", _lipschitz, shared, clients, images, train.labels, a, seed)
     tick("canaries")
     canaries = timed("canaries", _canaries, shared, part, out_train, a, delta, seed, evidence)
     bar.close()
@@ -199,6 +200,14 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
                       "carry_a_decoder": any(d.decoder is not None for d in shared.downlinks)},
         "rejected_uploads": shared.rejected,
         "mia": mia,
+        "membership_game": {
+            "design": "class-matched: members are a seeded random subset of each client's training records; "
+                      "for every class, as many non-members of that class come from the client's held-out "
+                      "records of that class",
+            "shrunk": "where a class's held-out records are fewer than its members, that class's members are cut "
+                      "at random to the held-out count (listed per client under shrunk_classes: drawn, holdout, "
+                      "kept)",
+            "clients": games},
         "empirical_epsilon": eps["headline"],
         "empirical_epsilon_kind": "estimate: Clopper-Pearson on the membership game of one training run "
                                   "(records are not independent trials); not a proof",
@@ -233,13 +242,16 @@ def _references(shared: SharedRun, clients, cfg, test, seed, tick) -> dict:
     return refs
 
 
-def _membership(shared: SharedRun, clients, images, a, references, seed, evidence, tick) -> dict:
+def _membership(shared: SharedRun, clients, images, labels_of, a, references, seed, evidence, tick):
+    """(per-attack metrics, per-client class counts of the game); ``labels_of``: the train split's labels."""
     per_attack: dict[str, dict] = {}
+    games: dict[str, dict] = {}
     pooled: dict[str, list] = {}
     labels_all, clients_all, ids_all = [], [], []
     for c in clients:
         k = c["client"]
-        game = membership_game(c, a.members_per_client, seed)
+        game = membership_game(c, a.members_per_client, seed, labels_of)
+        games[str(k)] = game.to_json()
         if not len(game.member_ids):
             continue
         target = shared.final(k)
@@ -264,7 +276,7 @@ def _membership(shared: SharedRun, clients, images, a, references, seed, evidenc
         per_attack[name].update(membership_metrics(scores, labels, a.bootstrap, seed))
         per_attack[name]["roc"] = {k: v.tolist() for k, v in roc_arrays(scores, labels).items()
                                    if k != "thresholds"}
-    return per_attack
+    return per_attack, games
 
 
 def _empirical_epsilon(evidence: dict, attacks: list[str], delta: float, alpha: float, seed: int) -> dict:
@@ -321,11 +333,11 @@ def _outliers(shared, part, images, test, out_train, out_test, a, seed, run) -> 
             "figure_layout": "pairs: original, reconstruction (left to right, row by row)"}
 
 
-def _lipschitz(shared: SharedRun, clients, images, a, seed) -> dict:
+def _lipschitz(shared: SharedRun, clients, images, labels_of, a, seed) -> dict:
     out = {}
     for c in clients:
         k = c["client"]
-        member_ids = membership_game(c, min(64, a.members_per_client), seed).member_ids
+        member_ids = membership_game(c, min(64, a.members_per_client), seed, labels_of).member_ids
         per_round = {}
         for rnd, d in sorted(shared.decoders[k].items()):
             latents = None

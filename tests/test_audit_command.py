@@ -63,6 +63,25 @@ def test_audit_json_has_the_contracted_fields(audited):
     assert (run / audit["outliers"]["figures"]["outliers"]).is_file()
 
 
+def test_the_membership_game_is_class_matched_and_its_counts_are_recorded(audited):
+    from federation.data.sources import load_split, resolve_source
+
+    run, audit = audited
+    labels = load_split(resolve_source("mnist"), "mnist", "train").labels
+    evidence = np.load(run / "audit" / "scores.npz", allow_pickle=False)
+    games = audit["membership_game"]["clients"]
+    assert set(games) == {"0", "1", "2"} and "class-matched" in audit["membership_game"]["design"]
+    for cid, game in games.items():
+        mine = evidence["client"] == int(cid)
+        ids, member = evidence["record_id"][mine], evidence["labels"][mine]
+        counted = {str(c): int(n) for c, n in zip(*np.unique(labels[ids[member]], return_counts=True))}
+        assert {c: n for c, n in game["members_per_class"].items() if n} == counted
+        assert game["nonmembers_per_class"] == game["members_per_class"]
+        np.testing.assert_array_equal(np.sort(labels[ids[member]]), np.sort(labels[ids[~member]]))
+        for c, cut in game["shrunk_classes"].items():  # 30 members drawn over 3 classes, 10 held out per class
+            assert cut["kept"] == cut["holdout"] == 10 < cut["drawn"] and game["members_per_class"][c] == 10
+
+
 def test_canaries_are_recorded_and_only_included_ones_are_trained_on(audited):
     run, _ = audited
     part = json.loads((run / "partition.json").read_text())

@@ -26,6 +26,7 @@ from attacks.membership import (LatentFitAttack, MonteCarloAttack, NearestSample
                                 membership_game)
 from attacks.mia_metrics import membership_metrics, roc_arrays
 from attacks.outlier_reconstruction import domain_classifier, reconstruct_groups
+from attacks.outlier_verdicts import outlier_verdicts
 from attacks.reference_models import ReferenceRecipe, train_reference_decoder
 from attacks.shared_artifacts import SharedRun, load_shared_run
 from federation.rng import seeded_generator
@@ -315,8 +316,7 @@ def _outliers(shared, part, images, test, out_train, out_test, a, seed, run) -> 
     # own record than to any public image of either dataset, not merely unlike the main dataset
     summary, recons = reconstruct_groups(target.decoder, target.latent_dim, groups, torch.cat([typical, other]),
                                          classifier, seeded_generator(seed, 73, k),
-                                         threshold=a.reconstruction_threshold, alpha=a.alpha,
-                                         fit_options=fit_options)
+                                         threshold=a.reconstruction_threshold, fit_options=fit_options)
     from federation.metrics.figures import sample_grid
 
     figures = {}
@@ -327,8 +327,12 @@ def _outliers(shared, part, images, test, out_train, out_test, a, seed, run) -> 
             figures[name] = str(path.relative_to(run.path))
     comparison = summary.get("comparison", {})
     return {"client": k, "reconstruction_rate": summary["outliers"]["reconstruction_rate"],
-            "control_rate": comparison.get("control_rate"), "claim_holds": comparison.get("claim_holds"),
-            "verdict": comparison.get("verdict", "not tested: no controls"),
+            "control_rate": comparison.get("control_rate"),
+            **outlier_verdicts(summary, a.alpha, a.typical_mapping_rate),
+            "reconstruction_threshold": a.reconstruction_threshold,
+            "normalized_distance_percentiles": {name: {q: g["normalized"][q] for q in ("p05", "p25", "median",
+                                                                                       "p75", "p95")}
+                                                for name, g in summary.items() if name != "comparison"},
             "groups": summary, "figures": figures,
             "figure_layout": "pairs: original, reconstruction (left to right, row by row)"}
 

@@ -26,6 +26,7 @@ from attacks.membership import (LatentFitAttack, MonteCarloAttack, NearestSample
                                 membership_game)
 from attacks.mia_metrics import membership_metrics, roc_arrays
 from attacks.outlier_reconstruction import domain_classifier, reconstruct_groups
+from attacks.outlier_verdicts import outlier_verdicts
 from attacks.reference_models import ReferenceRecipe, train_reference_decoder
 from attacks.shared_artifacts import SharedRun, load_shared_run
 from federation.rng import seeded_generator
@@ -169,7 +170,8 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     references = timed("references", _references, shared, clients, cfg, test, seed, tick) \
         if a.reference_models else None
     evidence: dict[str, np.ndarray] = {}
-    mia = timed("membership", _membership, shared, clients, images, a, references, seed, evidence, tick)
+    mia, games = timed("membership", _membership, shared, clients, images, train.labels, a, references, seed,
+                       evidence, tick)
     delta = cfg.privacy.delta
     eps = _empirical_epsilon(evidence, list(mia), delta, a.alpha, seed)
     tick("outliers")
@@ -179,7 +181,7 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
         out_test = _load(out_ds, "test", provenance, data_root, cfg)
         outliers = timed("outliers", _outliers, shared, part, images, test, out_train, out_test, a, seed, run)
     tick("lipschitz")
-    lipschitz = timed("lipschitz", _lipschitz, shared, clients, images, a, seed)
+    lipschitz = timed("lipschitz", _lipschitz, shared, clients, images, train.labels, a, seed)
     tick("canaries")
     canaries = timed("canaries", _canaries, shared, part, out_train, a, delta, seed, evidence)
     bar.close()
@@ -195,6 +197,14 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
                       "carry_a_decoder": any(d.decoder is not None for d in shared.downlinks)},
         "rejected_uploads": shared.rejected,
         "mia": mia,
+        "membership_game": {
+            "design": "class-matched: members are a seeded random subset of each client's training records; "
+                      "for every class, as many non-members of that class come from the client's held-out "
+                      "records of that class",
+            "shrunk": "where a class's held-out records are fewer than its members, that class's members are cut "
+                      "at random to the held-out count (listed per client under shrunk_classes: drawn, holdout, "
+                      "kept)",
+            "clients": games},
         "empirical_epsilon": eps["headline"],
         "empirical_epsilon_kind": "estimate: Clopper-Pearson on the membership game of one training run "
                                   "(records are not independent trials); not a proof",
@@ -229,13 +239,16 @@ def _references(shared: SharedRun, clients, cfg, test, seed, tick) -> dict:
     return refs
 
 
-def _membership(shared: SharedRun, clients, images, a, references, seed, evidence, tick) -> dict:
+def _membership(shared: SharedRun, clients, images, labels_of, a, references, seed, evidence, tick):
+    """(per-attack metrics, per-client class counts of the game); ``labels_of``: the train split's labels."""
     per_attack: dict[str, dict] = {}
+    games: dict[str, dict] = {}
     pooled: dict[str, list] = {}
     labels_all, clients_all, ids_all = [], [], []
     for c in clients:
         k = c["client"]
-        game = membership_game(c, a.members_per_client, seed)
+        game = membership_game(c, a.members_per_client, seed, labels_of)
+        games[str(k)] = game.to_json()
         if not len(game.member_ids):
             continue
         target = shared.final(k)
@@ -260,7 +273,7 @@ def _membership(shared: SharedRun, clients, images, a, references, seed, evidenc
         per_attack[name].update(membership_metrics(scores, labels, a.bootstrap, seed))
         per_attack[name]["roc"] = {k: v.tolist() for k, v in roc_arrays(scores, labels).items()
                                    if k != "thresholds"}
-    return per_attack
+    return per_attack, games
 
 
 def _empirical_epsilon(evidence: dict, attacks: list[str], delta: float, alpha: float, seed: int) -> dict:
@@ -299,8 +312,7 @@ def _outliers(shared, part, images, test, out_train, out_test, a, seed, run) -> 
     # own record than to any public image of either dataset, not merely unlike the main dataset
     summary, recons = reconstruct_groups(target.decoder, target.latent_dim, groups, torch.cat([typical, other]),
                                          classifier, seeded_generator(seed, 73, k),
-                                         threshold=a.reconstruction_threshold, alpha=a.alpha,
-                                         fit_options=fit_options)
+                                         threshold=a.reconstruction_threshold, fit_options=fit_options)
     from federation.metrics.figures import sample_grid
 
     figures = {}
@@ -311,17 +323,21 @@ def _outliers(shared, part, images, test, out_train, out_test, a, seed, run) -> 
             figures[name] = str(path.relative_to(run.path))
     comparison = summary.get("comparison", {})
     return {"client": k, "reconstruction_rate": summary["outliers"]["reconstruction_rate"],
-            "control_rate": comparison.get("control_rate"), "claim_holds": comparison.get("claim_holds"),
-            "verdict": comparison.get("verdict", "not tested: no controls"),
+            "control_rate": comparison.get("control_rate"),
+            **outlier_verdicts(summary, a.alpha, a.typical_mapping_rate),
+            "reconstruction_threshold": a.reconstruction_threshold,
+            "normalized_distance_percentiles": {name: {q: g["normalized"][q] for q in ("p05", "p25", "median",
+                                                                                       "p75", "p95")}
+                                                for name, g in summary.items() if name != "comparison"},
             "groups": summary, "figures": figures,
             "figure_layout": "pairs: original, reconstruction (left to right, row by row)"}
 
 
-def _lipschitz(shared: SharedRun, clients, images, a, seed) -> dict:
+def _lipschitz(shared: SharedRun, clients, images, labels_of, a, seed) -> dict:
     out = {}
     for c in clients:
         k = c["client"]
-        member_ids = membership_game(c, min(64, a.members_per_client), seed).member_ids
+        member_ids = membership_game(c, min(64, a.members_per_client), seed, labels_of).member_ids
         per_round = {}
         for rnd, d in sorted(shared.decoders[k].items()):
             latents = None

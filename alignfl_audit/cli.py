@@ -181,6 +181,9 @@ def _print_audit(path) -> None:
     o = audit["outliers"]
     outl = (f", outliers reconstructed {o['reconstruction_rate']:.3f} vs controls {o['control_rate']:.3f}"
             if o and o.get("control_rate") is not None else "")
+    if o:
+        outl += (f", outlier memorisation: {o['memorisation']['verdict']}, outliers mapped to typical points: "
+                 f"{o['typical_mapping']['verdict']}")
     acc = audit["accountant"]
     formal = f"accountant epsilon={acc['epsilon']:.3f}" if acc["formal_guarantee"] else "no formal guarantee"
     proven = audit.get("empirical_epsilon_proven")

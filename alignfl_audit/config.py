@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from attacks.outlier_verdicts import TYPICAL_MAPPING_RATE, check_rate
 from federation.data.partition import PartitionSpec
 from federation.data.sources import OTHER_DATASET, check_dataset_name
 from federation.errors import ConfigError, DataError
@@ -66,6 +67,10 @@ class AuditConfig:
     alpha: float = 0.05  # confidence level of every empirical-epsilon bound is 1 - alpha
     inliers: int = 200  # inliers of the outlier client reconstructed next to the outliers
     reconstruction_threshold: float = 0.5  # normalized distance below which a record counts as reconstructed
+    # the fraction of a group's reconstructions the domain classifier must map to typical points: the
+    # inliers', for the classifier to be trusted on the decoder (else "cannot judge"); the outliers', for
+    # the paper's claim "outliers are mapped to typical points" to hold
+    typical_mapping_rate: float = TYPICAL_MAPPING_RATE
     lipschitz_prior_points: int = 256
     lipschitz_ascent_steps: int = 20
     canary_guesses: float = 0.2  # one-run audit: guess "in"/"out" for this fraction of canaries each side
@@ -187,6 +192,7 @@ def _check_audit(a: AuditConfig) -> None:
         raise ConfigError(f"audit.canary_guesses must be in (0, 0.5], got {a.canary_guesses}")
     if not a.reconstruction_threshold > 0:
         raise ConfigError(f"audit.reconstruction_threshold must be > 0, got {a.reconstruction_threshold}")
+    check_rate(a.typical_mapping_rate, "audit.typical_mapping_rate")
 
 
 def _check_bk(privacy: PrivacySpec, specs: list[dict]) -> None:

@@ -15,7 +15,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,12 +27,16 @@ from attacks.shared_artifacts import generate
 
 @dataclass
 class MembershipGame:
-    """Members: a seeded random subset of a client's training records; non-members: as many records
-    of the same client's reserved held-out pool (same distribution, never trained on)."""
+    """Members: a seeded random subset of a client's training records; non-members: records of the same
+    client's reserved held-out pool (same distribution, never trained on), class-matched: in every class
+    exactly as many non-members as members."""
 
     client: int
     member_ids: np.ndarray
     nonmember_ids: np.ndarray
+    member_counts: dict[int, int] = field(default_factory=dict)  # class -> members of that class
+    nonmember_counts: dict[int, int] = field(default_factory=dict)  # class -> non-members (equal to the above)
+    shrunk: dict[int, dict] = field(default_factory=dict)  # class -> {drawn, holdout, kept} where cut
 
     @property
     def labels(self) -> np.ndarray:
@@ -42,16 +46,39 @@ class MembershipGame:
     def ids(self) -> np.ndarray:
         return np.r_[self.member_ids, self.nonmember_ids]
 
+    def to_json(self) -> dict:
+        return {"members_per_class": {str(c): n for c, n in self.member_counts.items()},
+                "nonmembers_per_class": {str(c): n for c, n in self.nonmember_counts.items()},
+                "shrunk_classes": {str(c): v for c, v in self.shrunk.items()}}
 
-def membership_game(client_record: dict, size: int, seed: int) -> MembershipGame:
-    """From a partition.json client entry; ``size`` members and ``size`` non-members at most (fewer if
-    the held-out pool is smaller: the game stays balanced)."""
+
+def membership_game(client_record: dict, size: int, seed: int, labels: np.ndarray) -> MembershipGame:
+    """From a partition.json client entry and the class labels of the split its ids index.
+
+    Up to ``size`` members are drawn at random from the client's training records, so their classes
+    follow the client's own (possibly imbalanced) class proportions. For every class, as many
+    non-members of that class are drawn from the client's held-out records of that class: a score
+    that merely prefers one class cannot separate the two groups. Where a class's held-out records are
+    fewer than its members, that class's members are cut at random to the held-out count, and the
+    cut is recorded in ``shrunk``."""
+    labels = np.asarray(labels)
     train = np.asarray(client_record["train_ids"], np.int64)
     hold = np.asarray(client_record["holdout_ids"], np.int64)
-    n = min(size, len(train), len(hold))
     rng = np.random.default_rng([seed, client_record["client"], 0x313])
-    return MembershipGame(client_record["client"], np.sort(rng.choice(train, n, replace=False)),
-                          np.sort(rng.choice(hold, n, replace=False)))
+    drawn = rng.choice(train, min(size, len(train)), replace=False)
+    members, nonmembers, m_counts, n_counts, shrunk = [], [], {}, {}, {}
+    for c in np.unique(labels[drawn]).tolist():
+        mine, pool = drawn[labels[drawn] == c], hold[labels[hold] == c]
+        k = min(len(mine), len(pool))
+        if k < len(mine):
+            shrunk[c] = {"drawn": int(len(mine)), "holdout": int(len(pool)), "kept": int(k)}
+            mine = rng.choice(mine, k, replace=False)
+        members.append(mine)
+        nonmembers.append(rng.choice(pool, k, replace=False))
+        m_counts[c] = n_counts[c] = int(k)
+    empty = np.zeros(0, np.int64)
+    return MembershipGame(client_record["client"], np.sort(np.concatenate(members or [empty])),
+                          np.sort(np.concatenate(nonmembers or [empty])), m_counts, n_counts, shrunk)
 
 
 class LatentFitAttack:

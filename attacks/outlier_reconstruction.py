@@ -12,16 +12,17 @@ controls, inliers):
 * ``mapped_to_typical``: the fraction of reconstructions a domain classifier (main dataset vs outlier
   source, fitted on public test splits) assigns to the main dataset.
 
-The paper's claim, that a privacy mechanism maps sensitive outliers to typical points, holds when
-the outliers' reconstruction rate is no higher than the controls' and a one-sided Mann-Whitney test
-finds outliers no closer to their reconstructions than controls (both at ``alpha``); it fails when
-the rate is significantly higher (one-sided Fisher exact test), and is inconclusive otherwise.
+The comparison of outliers with controls reports both rates and a one-sided Mann-Whitney test that
+outliers sit closer to their reconstructions; ``attacks/outlier_verdicts.py`` turns these into a
+memorisation verdict and a verdict on the paper's claim that outliers are mapped to typical points.
+The normalized distances' percentiles are reported per group, since a fixed threshold may be reached
+by no record at all.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import fisher_exact, mannwhitneyu
+from scipy.stats import mannwhitneyu
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
@@ -43,7 +44,7 @@ def normalized_distance(fit: LatentFit, typical: torch.Tensor, k: int) -> torch.
 
 def reconstruct_groups(decoder: nn.Module, latent_dim: int, groups: dict[str, torch.Tensor],
                        typical: torch.Tensor, classifier: LogisticRegression, generator: torch.Generator, *,
-                       threshold: float, alpha: float = 0.05, k: int = 50,
+                       threshold: float, k: int = 50,
                        fit_options: dict | None = None) -> tuple[dict, dict]:
     """Returns (summary per group, reconstructions per group for image grids)."""
     summary, recons = {}, {}
@@ -66,37 +67,12 @@ def reconstruct_groups(decoder: nn.Module, latent_dim: int, groups: dict[str, to
     if "outliers" in summary and "controls" in summary:
         o, c = summary["outliers"], summary["controls"]
         test = mannwhitneyu(o["normalized_distances"], c["normalized_distances"], alternative="less")
-        verdict, holds, rate_p = outlier_verdict(o["reconstruction_rate"], o["n"], c["reconstruction_rate"], c["n"],
-                                                 float(test.pvalue), alpha)
         summary["comparison"] = {
             "reconstruction_rate": o["reconstruction_rate"], "control_rate": c["reconstruction_rate"],
-            "claim_holds": holds, "verdict": verdict, "rate_p_value": float(rate_p),
             "outliers_closer_p_value": float(test.pvalue),
             "test": "one-sided Mann-Whitney U: outliers' normalized distances < controls'",
             "threshold": threshold, "neighbours": k}
     return summary, recons
-
-
-def outlier_verdict(outlier_rate: float, n_outliers: int, control_rate: float, n_controls: int,
-                    closer_p: float, alpha: float) -> tuple[str, bool | None, float]:
-    """(verdict, claim_holds, Fisher p) for the mapping claim, from the two reconstruction rates and the
-    distance test's p-value. A rate no higher than the controls' is not enough on its own: when the
-    outliers still sit significantly closer to their reconstructions than the controls do, the decoder
-    fits what it trained on below the threshold, and the claim is left inconclusive."""
-    hits_o, hits_c = round(outlier_rate * n_outliers), round(control_rate * n_controls)
-    rate_p = float(fisher_exact([[hits_o, n_outliers - hits_o], [hits_c, n_controls - hits_c]],
-                                alternative="greater").pvalue)
-    if outlier_rate <= control_rate and closer_p >= alpha:
-        return ("holds: outliers are reconstructed no more often than never-seen controls, and sit no closer to "
-                f"their reconstructions (one-sided Mann-Whitney p = {closer_p:.3g} >= {alpha})"), True, rate_p
-    if outlier_rate <= control_rate:
-        return ("inconclusive: outliers are reconstructed no more often than never-seen controls, but sit closer "
-                f"to their reconstructions (one-sided Mann-Whitney p = {closer_p:.3g} < {alpha})"), None, rate_p
-    if rate_p < alpha:
-        return ("fails: outliers are reconstructed more often than controls (one-sided Fisher exact "
-                f"p = {rate_p:.3g} < {alpha})"), False, rate_p
-    return ("inconclusive: the outliers' rate is higher but not significantly (one-sided Fisher exact "
-            f"p = {rate_p:.3g} >= {alpha})"), None, rate_p
 
 
 def _describe(values: np.ndarray) -> dict:

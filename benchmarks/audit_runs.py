@@ -44,14 +44,15 @@ def audit_one(label: str, data_root: str, threads: int) -> str:
 
 
 def table() -> str:
-    from attacks.outlier_reconstruction import outlier_verdict
+    from attacks.outlier_verdicts import TYPICAL_MAPPING_RATE, outlier_verdicts
     from reports.summary import best_attack
 
     rows = ["| run | probe acc. | accountant ε | best attack | AUC [95% CI] | TPR@1%FPR | ε estimate (CP) | "
-            "outliers / controls reconstructed | outliers closer than controls (p) | outlier verdict | "
-            "mapped to typical: outliers / controls / inliers | Lipschitz lower–upper (client 0) | "
+            "outliers / controls reconstructed | normalized distance, 5th percentile: outliers / controls / inliers | "
+            "outliers closer than controls (p) | outliers memorised | mapped to typical: outliers / controls / "
+            "inliers | outliers mapped to typical points (claim) | Lipschitz lower–upper (client 0) | "
             "audit / train time (min) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("audit-*.json")):
         a = json.loads(path.read_text())
         b = a["benchmark"]
@@ -61,20 +62,23 @@ def table() -> str:
         o = a["outliers"] or {}
         groups = o.get("groups", {})
         comparison = groups.get("comparison")
-        outl, closer, verdict = "n/a", "n/a", "n/a"
+        outl, closer, memorised, claim = "n/a", "n/a", "n/a", "n/a"
         if comparison:
             outl = f"{o['reconstruction_rate']:.3f} / {o['control_rate']:.3f}"
             closer = f"{comparison['outliers_closer_p_value']:.2g}"
-            # the verdict under the audit's current rule, from the recorded rates and p-value
-            verdict = outlier_verdict(o["reconstruction_rate"], groups["outliers"]["n"], o["control_rate"],
-                                      groups["controls"]["n"], comparison["outliers_closer_p_value"],
-                                      a["settings"]["alpha"])[0].split(":")[0]
+        if "outliers" in groups:
+            # both verdicts under the audit's current rules, from the recorded rates, p-value and mappings
+            v = outlier_verdicts(groups, a["settings"]["alpha"],
+                                 a["settings"].get("typical_mapping_rate", TYPICAL_MAPPING_RATE))
+            memorised, claim = v["memorisation"]["verdict"], v["typical_mapping"]["verdict"]
         typical = " / ".join(f"{groups[g]['mapped_to_typical']:.3f}" if g in groups else "n/a"
                              for g in ("outliers", "controls", "inliers"))
+        p05 = " / ".join(f"{groups[g]['normalized']['p05']:.2f}" if g in groups else "n/a"
+                         for g in ("outliers", "controls", "inliers"))
         lip = a["lipschitz"]["0"]
         rows.append(f"| {b['label']} | {b['probe_accuracy']:.4f} | {eps} | {m['name']} | {m['auc']:.3f} "
                     f"[{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}] | {m['tpr_at_1pct_fpr']:.3f} | "
-                    f"{a['empirical_epsilon']:.3f} | {outl} | {closer} | {verdict} | {typical} | "
+                    f"{a['empirical_epsilon']:.3f} | {outl} | {p05} | {closer} | {memorised} | {typical} | {claim} | "
                     f"{lip['lower']:.2f}–{lip['upper']:.1f} | "
                     f"{b['audit_wall_seconds'] / 60:.1f} / {b['train_seconds'] / 60:.1f} |")
     return "\n".join(rows)

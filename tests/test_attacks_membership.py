@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attacks.membership import (LatentFitAttack, MonteCarloAttack, NearestSampleAttack, ReferenceCalibrated,
                                 membership_game)
@@ -87,13 +89,77 @@ def test_scores_are_deterministic_under_a_seed(overfit):
 
 def test_membership_game_is_balanced_and_draws_from_the_right_pools():
     record = {"client": 2, "train_ids": list(range(100, 400)), "holdout_ids": list(range(1000, 1040))}
-    game = membership_game(record, 50, seed=0)
+    labels = np.zeros(2000, np.int64)  # one class: the game is limited by the held-out pool
+    game = membership_game(record, 50, seed=0, labels=labels)
     assert len(game.member_ids) == len(game.nonmember_ids) == 40  # limited by the held-out pool
+    assert game.shrunk == {0: {"drawn": 50, "holdout": 40, "kept": 40}}
     assert set(game.member_ids) <= set(record["train_ids"])
     assert set(game.nonmember_ids) <= set(record["holdout_ids"])
     assert game.labels.sum() == 40 and (~game.labels).sum() == 40
-    again = membership_game(record, 50, seed=0)
+    again = membership_game(record, 50, seed=0, labels=labels)
     np.testing.assert_array_equal(game.ids, again.ids)
+
+
+def _imbalanced_client(hold_per_class: dict[int, int]):
+    """A client whose training pool is 75% class 1 (300 records) and 25% class 0 (100), with held-out
+    records per class as given; ids are laid out so that each id's class is known from the labels."""
+    labels = np.full(3000, -1, np.int64)
+    train = np.r_[np.arange(0, 100), np.arange(100, 400)]
+    labels[:100], labels[100:400] = 0, 1
+    hold, start = [], 1000
+    for c, n in hold_per_class.items():
+        labels[start:start + n] = c
+        hold.append(np.arange(start, start + n))
+        start += n
+    train_extra = np.arange(2500, 2500 + 40)  # 40 training records of class 2, if a test asks for them
+    labels[train_extra] = 2
+    return labels, train, np.concatenate(hold), train_extra
+
+
+def test_non_members_have_the_members_class_counts_on_an_imbalanced_pool():
+    # uniform non-members from the held-out pool (200 of each class) would be about half 1s, while the
+    # members are about 75% 1s: the per-class counts below would differ
+    labels, train, hold, _ = _imbalanced_client({0: 200, 1: 200})
+    record = {"client": 0, "train_ids": train.tolist(), "holdout_ids": hold.tolist()}
+    game = membership_game(record, 120, seed=3, labels=labels)
+    members = np.bincount(labels[game.member_ids], minlength=2)
+    nonmembers = np.bincount(labels[game.nonmember_ids], minlength=2)
+    np.testing.assert_array_equal(members, nonmembers)
+    assert members.sum() == 120 and members[1] > 2 * members[0]  # the members follow the imbalanced pool
+    assert game.member_counts == game.nonmember_counts == {0: int(members[0]), 1: int(members[1])}
+    assert game.shrunk == {}
+    assert set(game.member_ids) <= set(train) and set(game.nonmember_ids) <= set(hold)
+    assert game.to_json()["members_per_class"] == {"0": int(members[0]), "1": int(members[1])}
+
+
+def test_a_class_with_too_few_held_out_records_has_its_members_cut_to_match():
+    labels, train, hold, extra = _imbalanced_client({0: 200, 1: 10})
+    record = {"client": 0, "train_ids": np.r_[train, extra].tolist(), "holdout_ids": hold.tolist()}
+    game = membership_game(record, 500, seed=1, labels=labels)  # all 440 training records drawn
+    members = np.bincount(labels[game.member_ids], minlength=3)
+    nonmembers = np.bincount(labels[game.nonmember_ids], minlength=3)
+    np.testing.assert_array_equal(members, nonmembers)
+    np.testing.assert_array_equal(members, [100, 10, 0])  # class 0 complete; class 1 cut; class 2 has no holdout
+    assert game.shrunk == {1: {"drawn": 300, "holdout": 10, "kept": 10}, 2: {"drawn": 40, "holdout": 0, "kept": 0}}
+    assert game.to_json()["shrunk_classes"]["1"] == {"drawn": 300, "holdout": 10, "kept": 10}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=80), st.lists(st.integers(0, 3), max_size=80),
+       st.integers(1, 100), st.integers(0, 2**16))
+def test_membership_game_is_class_matched_for_any_pools(train_classes, hold_classes, size, seed):
+    labels = np.r_[train_classes, hold_classes].astype(np.int64)
+    train, hold = np.arange(len(train_classes)), len(train_classes) + np.arange(len(hold_classes))
+    record = {"client": 1, "train_ids": train.tolist(), "holdout_ids": hold.tolist()}
+    game = membership_game(record, size, seed, labels)
+    members = np.bincount(labels[game.member_ids], minlength=4)
+    np.testing.assert_array_equal(members, np.bincount(labels[game.nonmember_ids], minlength=4))
+    assert len(set(game.member_ids)) == len(game.member_ids) <= size
+    assert set(game.member_ids) <= set(train) and set(game.nonmember_ids) <= set(hold)
+    held = np.bincount(labels[hold], minlength=4) if len(hold) else np.zeros(4, int)
+    assert all(members[c] == min(v["drawn"], held[c]) for c, v in game.shrunk.items())
+    assert all(members[c] <= held[c] for c in range(4))
+    assert sum(members) + sum(v["drawn"] - v["kept"] for v in game.shrunk.values()) == min(size, len(train))
 
 
 def test_rates_use_members_for_tpr_and_nonmembers_for_fpr():

@@ -55,12 +55,44 @@ def test_audit_json_has_the_contracted_fields(audited):
     assert audit["empirical_epsilon"] >= 0 and "not a proof" in audit["empirical_epsilon_kind"]
     assert audit["canaries"]["m"] == 20 and audit["canaries"]["client"] == 1
     assert audit["empirical_epsilon_proven"] == audit["canaries"]["epsilon_lb"]
-    assert audit["outliers"]["verdict"].split(":")[0] in ("holds", "fails", "inconclusive")
+    o = audit["outliers"]
+    assert o["memorisation"]["verdict"] in ("memorised", "not memorised")
+    assert o["typical_mapping"]["verdict"] in ("holds", "fails", "cannot judge")
+    assert o["typical_mapping"]["required_rate"] == audit["settings"]["typical_mapping_rate"] == 0.9
+    # the verdicts are those of the recorded numbers, and neither is the old single verdict
+    from attacks.outlier_verdicts import outlier_verdicts
+    assert outlier_verdicts(o["groups"], audit["settings"]["alpha"], 0.9) == {
+        "memorisation": o["memorisation"], "typical_mapping": o["typical_mapping"]}
+    assert "verdict" not in o and "claim_holds" not in o
+    assert o["typical_mapping"]["inliers_mapped_to_typical"] == o["groups"]["inliers"]["mapped_to_typical"]
+    assert set(o["normalized_distance_percentiles"]) == {"outliers", "controls", "inliers"}
+    for name, q in o["normalized_distance_percentiles"].items():
+        assert q["p05"] <= q["p25"] <= q["median"] <= q["p75"] <= q["p95"]
+        assert q["median"] == o["groups"][name]["normalized"]["median"]
     assert not (run / "checkpoints").exists()  # resume state is gone once the run is complete
     assert audit["accountant"]["formal_guarantee"] is False and audit["accountant"]["epsilon"] is None
     evidence = np.load(run / "audit" / "scores.npz", allow_pickle=False)
     assert len(evidence["labels"]) == len(evidence["white_box_latent_fit__scores"])
     assert (run / audit["outliers"]["figures"]["outliers"]).is_file()
+
+
+def test_the_membership_game_is_class_matched_and_its_counts_are_recorded(audited):
+    from federation.data.sources import load_split, resolve_source
+
+    run, audit = audited
+    labels = load_split(resolve_source("mnist"), "mnist", "train").labels
+    evidence = np.load(run / "audit" / "scores.npz", allow_pickle=False)
+    games = audit["membership_game"]["clients"]
+    assert set(games) == {"0", "1", "2"} and "class-matched" in audit["membership_game"]["design"]
+    for cid, game in games.items():
+        mine = evidence["client"] == int(cid)
+        ids, member = evidence["record_id"][mine], evidence["labels"][mine]
+        counted = {str(c): int(n) for c, n in zip(*np.unique(labels[ids[member]], return_counts=True))}
+        assert {c: n for c, n in game["members_per_class"].items() if n} == counted
+        assert game["nonmembers_per_class"] == game["members_per_class"]
+        np.testing.assert_array_equal(np.sort(labels[ids[member]]), np.sort(labels[ids[~member]]))
+        for c, cut in game["shrunk_classes"].items():  # 30 members drawn over 3 classes, 10 held out per class
+            assert cut["kept"] == cut["holdout"] == 10 < cut["drawn"] and game["members_per_class"][c] == 10
 
 
 def test_canaries_are_recorded_and_only_included_ones_are_trained_on(audited):
@@ -112,10 +144,12 @@ def test_audit_errors_are_one_line(tmp_path, capsys, audited):
     assert main(["audit", str(run), "--quiet", "--set", "audit.alpha=2"]) == 2
     assert main(["audit", str(unfinished), "--quiet"]) == 2
     assert main(["audit", str(run), "--quiet", "--seed", "-1"]) == 2
+    assert main(["audit", str(run), "--quiet", "--set", "audit.typical_mapping_rate=1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 5 and all(line.startswith("alignfl-audit: error: ") for line in err)
+    assert len(err) == 6 and all(line.startswith("alignfl-audit: error: ") for line in err)
     assert "no run directory" in err[0] and "audit.*" in err[1] and "audit.alpha" in err[2]
     assert "not a finished run" in err[3] and "--seed must be >= 0" in err[4]
+    assert "audit.typical_mapping_rate must be in (0, 1], got 1.5" in err[5]
 
 
 def test_audit_refuses_data_that_differs_from_the_run(audited, full_data_root, capsys):

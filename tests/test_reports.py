@@ -9,6 +9,7 @@ import shutil
 import pandas as pd
 import pytest
 import yaml
+from markupsafe import escape
 
 from _chromium import chromium_binary, inspect_page
 from alignfl_audit.cli import main
@@ -100,14 +101,67 @@ def test_report_errors_are_one_line(tmp_path, capsys, pipeline_run):
     assert "is not a finished run" in err[0] and all("audit.json" in line for line in err[1:])
 
 
+def _summary_row(html: str) -> str:
+    return re.search(r'<tbody>(.*?)</tbody>', html, re.S).group(1)
+
+
+def test_both_outlier_verdicts_are_shown_as_the_audit_wrote_them(pipeline_run, tmp_path):
+    audit = json.loads((pipeline_run / "audit.json").read_text())
+    o = audit["outliers"]
+    html = (pipeline_run / "report.html").read_text()
+    row = _summary_row(html)
+    assert f"memorisation: <b>{o['memorisation']['verdict']}</b>" in row
+    assert f"mapped to typical: <b>{o['typical_mapping']['verdict']}</b>" in row
+    assert f"<b>{o['memorisation']['verdict']}</b>: {escape(o['memorisation']['reason'])}." in html
+    assert (f"<b>The paper's claim, outliers are mapped to typical points</b>: "
+            f"<b>{o['typical_mapping']['verdict']}</b>: {escape(o['typical_mapping']['reason'])}.") in html
+    for name in ("outliers", "controls", "inliers"):  # the distance distribution, not only a rate
+        q = o["normalized_distance_percentiles"][name]
+        assert f"{q['p05']:.3f} / {q['p25']:.3f} / {q['median']:.3f}" in html
+    assert "class-matched: in every class as many non-members as members" in html
+    # "cannot judge" is shown as such: the same run with every inlier reconstruction unrecognised
+    copy = tmp_path / "run"
+    shutil.copytree(pipeline_run, copy)
+    from attacks.outlier_verdicts import typical_mapping_verdict
+    o["typical_mapping"] = typical_mapping_verdict(o["typical_mapping"]["outliers_mapped_to_typical"],
+                                                   o["groups"]["outliers"]["n"], 0.0, o["groups"]["inliers"]["n"])
+    (copy / "audit.json").write_text(json.dumps(audit))
+    assert main(["report", str(copy), "-o", str(tmp_path / "report.html")]) == 0
+    html = (tmp_path / "report.html").read_text()
+    assert "mapped to typical: <b>cannot judge</b>" in _summary_row(html)
+    assert f"<b>cannot judge</b>: {escape(o['typical_mapping']['reason'])}." in html
+    assert "maps only 0.000 of the decoder" in o["typical_mapping"]["reason"]
+
+
+def test_an_audit_with_the_earlier_single_verdict_is_rendered_and_said_to_be_old(pipeline_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(pipeline_run, copy)
+    audit = json.loads((copy / "audit.json").read_text())
+    o = audit["outliers"]
+    for key in ("memorisation", "typical_mapping", "normalized_distance_percentiles", "reconstruction_threshold"):
+        del o[key]
+    del audit["membership_game"]
+    o["verdict"] = "holds: outliers are reconstructed no more often than never-seen controls"
+    (copy / "audit.json").write_text(json.dumps(audit))
+    assert main(["report", str(copy), "-o", str(tmp_path / "report.html")]) == 0
+    html = (tmp_path / "report.html").read_text()
+    assert "audited by an earlier version (one verdict)" in _summary_row(html)
+    assert "written by an earlier version, with one verdict that mixed memorisation" in html
+    assert "not class-matched: audited by an earlier version" in html
+
+
 def test_outliers_without_controls_render_as_not_tested(tmp_path):
     cfg = from_dict(tiny_config(name="no-controls", audit=AUDIT, report=True,
                                 partition={"outliers": {"count": 6, "client": 0, "holdout": 0}}))
     run = run_pipeline(cfg, out=tmp_path / "run", quiet=True).path
     audit = json.loads((run / "audit.json").read_text())
-    assert audit["outliers"]["control_rate"] is None and audit["outliers"]["verdict"] == "not tested: no controls"
+    o = audit["outliers"]
+    assert o["control_rate"] is None and o["memorisation"]["verdict"] == "not tested"
+    assert o["typical_mapping"]["verdict"] in ("holds", "fails", "cannot judge")  # needs no controls
     html = (run / "report.html").read_text()
-    assert "the claim cannot be tested on this run" in html and "claim not tested" in html
+    assert "memorisation cannot be tested on this run" in html
+    assert "memorisation: <b>not tested</b><br><span class=\"note\">no controls</span>" in _summary_row(html)
+    assert f"mapped to typical: <b>{o['typical_mapping']['verdict']}</b>" in _summary_row(html)
 
 
 def test_sweep_records_a_failure_keeps_the_others_and_resumes(tmp_path, capsys):

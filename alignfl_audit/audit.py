@@ -34,7 +34,7 @@ from federation.data.sources import EMBEDDED_ROOT, DataSource, _has_dataset, loa
 from federation.errors import ConfigError, DataError
 from federation.training import to_tensor
 
-AUDIT_FORMAT = "alignfl-audit/1"
+AUDIT_FORMAT = layout.AUDIT_FORMAT
 
 
 def _config(run: RunDir, overrides: dict) -> ExperimentConfig:

@@ -65,3 +65,8 @@ STATUS_COLUMN = re.compile(r"^client(\d+)_status$")
 def run_format(metrics: dict) -> str:
     """The run format a finished run's metrics.json records (format 1 when it records none)."""
     return metrics.get("run_format", LEGACY_RUN_FORMAT) if isinstance(metrics, dict) else LEGACY_RUN_FORMAT
+
+# audit.json: /2 splits the outlier verdict (memorisation; mapped to typical points) and records the
+# class-matched membership game; /1 files (one outlier verdict) still render
+AUDIT_FORMAT = "alignfl-audit/2"
+READABLE_AUDIT_FORMATS = ("alignfl-audit/1", AUDIT_FORMAT)

@@ -67,8 +67,9 @@ def load_run(path: str | Path) -> RunEvidence:
         raise DataError(f"{path} was written in run format {layout.run_format(metrics)!r}; this version reads "
                         f"{', '.join(layout.READABLE_RUN_FORMATS)} (upgrade alignfl-audit)")
     audit = _checked(_json(path / layout.AUDIT), path / layout.AUDIT, AUDIT_KEYS, "audit file")
-    if audit is not None and audit.get("format") != "alignfl-audit/1":
-        raise DataError(f"{path / layout.AUDIT} is not an alignfl-audit/1 audit file")
+    if audit is not None and audit.get("format") not in layout.READABLE_AUDIT_FORMATS:
+        raise DataError(f"{path / layout.AUDIT} is not an audit file this version reads "
+                        f"({', '.join(layout.READABLE_AUDIT_FORMATS)})")
     ledger = _checked(_json(path / layout.LEDGER), path / layout.LEDGER, ("events",), "privacy ledger")
     rounds = None
     if (path / layout.ROUNDS).is_file():

@@ -13,6 +13,7 @@ alignfl-audit installed.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -131,14 +132,17 @@ def run_on_flower(cfg: ExperimentConfig, data_root=None, out=None, quiet: bool =
             wait_reachable(address, cfg.engine.connect_timeout, "the SuperLink")
         write_connection(home, address)
         run = RunDir.create(out, cfg.name, cfg.seed)
-        write_run_header(run, cfg, partition)
-        run.log(f"submitted to the Flower {cfg.engine.mode} SuperLink at {address}")
-        flwr = submit(home, run, cfg, data_root, len(partition.shards) if cfg.strategy_class.federated() else 0)
+        flwr = None
         try:
+            write_run_header(run, cfg, partition)
+            run.log(f"submitted to the Flower {cfg.engine.mode} SuperLink at {address}")
+            flwr = submit(home, run, cfg, data_root, len(partition.shards) if cfg.strategy_class.federated() else 0)
             _wait(run, flwr, superlink)
         except BaseException as err:
-            if not isinstance(err, FederationError) or run.status().get("state") != "failed":
-                run.set_status("failed", error=f"{type(err).__name__}: {err}")
+            if run.status().get("state") != "failed":
+                run.set_status("failed", error=str(err) if isinstance(err, FederationError)
+                               else f"{type(err).__name__}: {err}")
+            _stop_flower_run(home, run)
             raise
         finally:
             stop(flwr)
@@ -146,6 +150,18 @@ def run_on_flower(cfg: ExperimentConfig, data_root=None, out=None, quiet: bool =
     finally:
         stop(superlink)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _stop_flower_run(home: Path, run: RunDir) -> None:
+    """Ask the SuperLink to stop the run (its ServerApp may still be running on a real SuperLink)."""
+    match = re.search(r"Successfully started run (\d+)", run.file(FLOWER_LOG).read_text(errors="replace")
+                      if run.file(FLOWER_LOG).is_file() else "")
+    if match:
+        try:
+            subprocess.run([_flower_bin("flwr"), "stop", match.group(1), CONNECTION], env=_env(home),
+                           capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired, FederationError):
+            pass  # the run directory already says failed; the ServerApp cannot mark it complete
 
 
 def _wait(run: RunDir, flwr: subprocess.Popen, superlink: subprocess.Popen | None) -> None:

@@ -31,7 +31,7 @@ from federation.privacy.budget import calibrate_noise, check_adaptive
 from federation.privacy.dp_sgd import DPPlan, make_plan
 from federation.privacy.ledger import PrivacyLedger
 from federation.privacy.spec import NO_GUARANTEE
-from federation.rounds import DELIVERED, STATUSES, RoundRecord, accept_arrivals, run_round
+from federation.rounds import DELIVERED, STATUSES, RoundRecord, accept_arrivals, run_round, unreported_dp_rounds
 from federation.strategies.base import ServerContext, Strategy, departures
 from federation.training import TrainSettings, to_tensor
 
@@ -250,7 +250,9 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
             ledger.merge(accepted.dp_events, accepted.unaccounted)
             records.append(RoundRecord(strategy.rounds, statuses))
             run.log(f"after the last round: {_summary(records[-1])} (not used by the server)")
-            _write_round_files(run, records, ledger)
+        if cfg.privacy.is_dp:
+            ledger.merge([], unreported_dp_rounds(records, ledger.events, client_ids))
+        _write_round_files(run, records, ledger)
     finally:
         engine.close()
     train_seconds = time.perf_counter() - started

@@ -85,6 +85,11 @@ class RunDir:
             fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {message}\n")
 
     def set_status(self, state: str, **info) -> None:
+        if state == "complete" and self.status().get("state") == "failed":
+            from federation.errors import FederationError
+
+            raise FederationError(f"{self.path} was marked failed ({self.status().get('error', 'no reason')}); "
+                                  "it is not marked complete")
         self.write_json(layout.STATUS, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
         self.log(f"status {state}" + "".join(f" {k}={v}" for k, v in info.items()))
 

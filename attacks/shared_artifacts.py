@@ -99,7 +99,7 @@ def load_shared_run(run_dir: str | Path) -> SharedRun:
         for path in sorted(folder.glob("*.safetensors")):
             try:
                 if layout.UPLINK_FILE.search(path.name):
-                    upload = load_uplink(path)
+                    upload = load_uplink(path, allow_legacy=True)  # a run of any version
                     module = _module(upload.payload)
                     if module is not None:  # an uplink that shares nothing (e.g. a spent budget) holds no decoder
                         decoders.setdefault(upload.client, {})[rnd] = SharedDecoder(

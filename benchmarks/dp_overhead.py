@@ -31,9 +31,10 @@ MODES = [("bk", "fixed"), ("bk", "adaptive"), ("ghost", "fixed"), ("ghost", "ada
 def nondp_stepper(x):
     vae = VAE(SPEC, torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    noise = torch.Generator().manual_seed(1)
 
     def step():
-        recon, mu, logvar = vae(x)
+        recon, mu, logvar = vae(x, noise)
         loss = vae_loss(x, recon, mu, logvar, 1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -74,7 +74,7 @@ class Client:
                 return type(obj)(copy(v) for v in obj)
             return obj
 
-        return copy({"format": STATE_FORMAT, "vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return copy({"format": STATE_FORMAT, "round": self.round, "vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "dp": self.dp.state_dict() if self.dp is not None else None,
                      "events": [vars(e).copy() for e in self.events], "budget_exhausted": self.budget_exhausted})
 
@@ -94,8 +94,10 @@ class Client:
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=self.setup.settings.lr)
 
     def train_round(self, prox_mu: float = 0.0, prox_ref: dict | None = None) -> tuple[float | None, list[DPEvent]]:
-        """One round of local training: (the last epoch's mean loss, the DP events it spent). The loss is
-        None when the client's DP budget would be overrun: it then trains no more."""
+        """One round of local training: (the last epoch's mean loss, the client's DP events so far). Every
+        report carries the client's whole DP history, so a reply that is lost on the way loses no
+        accounting: the next one repeats it (the ledger keeps one event per client and round). The loss
+        is None when the client's DP budget would be overrun: it then trains no more."""
         if self.dp is not None:
             return self._train_round_dp()
         s, privacy = self.setup.settings, self.setup.privacy
@@ -111,13 +113,13 @@ class Client:
         target = privacy.target_epsilon
         if self.budget_exhausted or (target is not None and spent_epsilon(privacy, history + [planned]) > target):
             self.budget_exhausted = True
-            return None, []
+            return None, list(self.events)
         start = self.dp.clip_bound
         loss, steps = self.dp.train_epochs(self.setup.data, self.setup.settings.local_epochs)
         event = DPEvent(self.id, self.round, plan.sample_rate, plan.noise_multiplier, steps, privacy.clipping,
                         privacy.scope, self.dp.mode, start, self.dp.clip_bound)
         self.events.append(event)
-        return loss, [event]
+        return loss, list(self.events)
 
     # ------------------------------------------------------------------------------ what can leave
     def decoder_payload(self, gmm_components: int = 0) -> Payload:

@@ -170,13 +170,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 # ------------------------------------------------------------------------------------------ decoding
 def decode(blob: bytes, meta, *, direction: str, name: str, kinds: tuple[str, ...] | None = None,
-           max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
-    """Validate a received message; raises ``UploadRejected`` with the reason (``name`` says which)."""
+           max_bytes: int = MAX_MESSAGE_BYTES, allow_legacy: bool = False) -> Message:
+    """Validate a received message; raises ``UploadRejected`` with the reason (``name`` says which).
+    ``allow_legacy``: also read an uplink of the earlier upload format, which carries no DP report (only
+    when reading a run written by an earlier version; a live round refuses it)."""
     if len(blob) > max_bytes:
         raise UploadRejected(f"{name}: {len(blob)} bytes exceeds the {max_bytes}-byte limit")
     if not isinstance(meta, dict):
         raise UploadRejected(f"{name}: the sidecar is not a JSON object")
-    legacy = meta.get("format") == LEGACY_UPLOAD_FORMAT and direction == "uplink"
+    legacy = allow_legacy and meta.get("format") == LEGACY_UPLOAD_FORMAT and direction == "uplink"
     if meta.get("format") != FORMAT and not legacy:
         raise UploadRejected(f"{name}: not an {FORMAT} sidecar")
     if not legacy and meta.get("direction") != direction:
@@ -202,7 +204,7 @@ def decode(blob: bytes, meta, *, direction: str, name: str, kinds: tuple[str, ..
         return Downlink(meta["round"], tuple(recipients), payload)
     _check_int(meta, "client", name, minimum=0)
     _check_int(meta, "num_samples", name, minimum=1)
-    report = ClientReport() if legacy else decode_report(meta.get("report"), meta["client"], name)
+    report = ClientReport() if legacy else decode_report(meta.get("report"), meta["client"], name, meta["round"])
     return Uplink(meta["client"], meta["round"], payload, meta["num_samples"], report)
 
 
@@ -247,7 +249,8 @@ _EVENT_TYPES = {"client": int, "round": int, "sample_rate": float, "noise_multip
                 "clip_bound_end": float}
 
 
-def decode_report(report, client: int, name: str) -> ClientReport:
+def decode_report(report, client: int, name: str, rnd: int | None = None) -> ClientReport:
+    """A client's report; its DP events are the client's whole history up to round ``rnd``."""
     if not isinstance(report, dict) or set(report) != {"status", "loss", "dp_events"}:
         raise UploadRejected(f"{name}: the client report must hold exactly status, loss and dp_events")
     if report["status"] not in REPORT_STATUSES:
@@ -270,6 +273,8 @@ def decode_report(report, client: int, name: str) -> ClientReport:
                 raise UploadRejected(f"{name}: DP event field {key} must be {typ.__name__}, got {e[key]!r}")
         if e["client"] != client:
             raise UploadRejected(f"{name}: a DP event of client {e['client']} in client {client}'s report")
+        if rnd is not None and not 0 <= e["round"] <= rnd:
+            raise UploadRejected(f"{name}: a DP event of round {e['round']} in a reply to round {rnd}")
         parsed.append(DPEvent(**{k: (float(v) if _EVENT_TYPES[k] is float else v) for k, v in e.items()}))
     return ClientReport(report["status"], None if loss is None else float(loss), parsed)
 
@@ -299,11 +304,12 @@ def read_encoded(path: Path, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[bytes,
     return blob, meta
 
 
-def _load(path: Path, direction: str, kinds, max_bytes: int):
+def _load(path: Path, direction: str, kinds, max_bytes: int, allow_legacy: bool = False):
     """Read and validate a message file; its name must match who sent it (uplink) or whom it addresses."""
     path = Path(path)
     blob, meta = read_encoded(path, max_bytes)
-    msg = decode(blob, meta, direction=direction, name=path.name, kinds=kinds, max_bytes=max_bytes)
+    msg = decode(blob, meta, direction=direction, name=path.name, kinds=kinds, max_bytes=max_bytes,
+                 allow_legacy=allow_legacy)
     who = msg.client if direction == "uplink" else msg.recipients
     if path.stem != file_stem(direction, who):
         said = f"says client {who}" if direction == "uplink" else f"addresses clients {list(who)}"
@@ -311,9 +317,10 @@ def _load(path: Path, direction: str, kinds, max_bytes: int):
     return msg
 
 
-def load_uplink(path: Path, kinds: tuple[str, ...] | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> Uplink:
+def load_uplink(path: Path, kinds: tuple[str, ...] | None = None, max_bytes: int = MAX_MESSAGE_BYTES,
+                allow_legacy: bool = False) -> Uplink:
     """Read and validate ``client-K.safetensors`` (+ .json); the file must be named for its sender."""
-    return _load(path, "uplink", kinds, max_bytes)
+    return _load(path, "uplink", kinds, max_bytes, allow_legacy)
 
 
 def load_downlink(path: Path, kinds: tuple[str, ...] | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> Downlink:
@@ -322,11 +329,11 @@ def load_downlink(path: Path, kinds: tuple[str, ...] | None = None, max_bytes: i
 
 
 def load_message(path: Path, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
-    """An uplink or a downlink, by its file name."""
+    """An uplink or a downlink, by its file name, as stored in a run directory (of any version)."""
     path = Path(path)
     if path.stem.startswith("server-to-client"):
         return load_downlink(path, max_bytes=max_bytes)
-    return load_uplink(path, max_bytes=max_bytes)
+    return load_uplink(path, max_bytes=max_bytes, allow_legacy=True)
 
 
 def parameter_count(tensors: dict[str, torch.Tensor]) -> int:

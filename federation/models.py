@@ -165,10 +165,10 @@ def load_decoder(spec: dict, state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def reparameterization_noise(mu: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like ``mu``, drawn from ``generator`` (the library always passes
-    one; tests replace this function to fix the noise)."""
+    """Standard normal noise shaped like ``mu``, drawn from ``generator`` (tests replace this function to
+    fix the noise). Torch's global generator is never used: results must not depend on it."""
     if generator is None:
-        return torch.randn_like(mu)
+        raise TypeError("the VAE's reparameterization noise needs an explicit torch.Generator")
     return torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
 
 

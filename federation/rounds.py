@@ -27,9 +27,10 @@ REPLIED = "replied"  # replied in time
 LATE_REPLY = "late-reply"  # a reply to an earlier round arrived this round
 BUDGET_SPENT = "budget-spent"  # replied that its privacy budget is spent (nothing shared)
 REJECTED = "rejected"  # its reply failed validation and was not used
-FAILED = "failed"  # it answered with an error
-STATUSES = (NOT_SELECTED, LEFT, BUSY, NO_REPLY, REPLIED, LATE_REPLY, BUDGET_SPENT, REJECTED, FAILED)
-DELIVERED = (NO_REPLY, REPLIED, BUDGET_SPENT, REJECTED, FAILED)  # a message reached the client this round
+FAILED = "failed"  # it refused the message before training anything
+LOST = "lost"  # its reply came back unusable (broken, from the wrong node): it may have trained
+STATUSES = (NOT_SELECTED, LEFT, BUSY, NO_REPLY, REPLIED, LATE_REPLY, BUDGET_SPENT, REJECTED, FAILED, LOST)
+DELIVERED = (NO_REPLY, REPLIED, BUDGET_SPENT, REJECTED, FAILED, LOST)  # a message reached the client this round
 
 
 @dataclass
@@ -50,7 +51,7 @@ class RoundRecord:
 
     @property
     def rejected(self) -> dict[int, str]:
-        return {k: c.reason for k, c in self.clients.items() if c.status in (REJECTED, FAILED)}
+        return {k: c.reason for k, c in self.clients.items() if c.status in (REJECTED, FAILED, LOST)}
 
     def to_json(self) -> dict:
         return {"round": self.round, "clients": {str(k): vars(c).copy() for k, c in self.clients.items()},
@@ -160,9 +161,29 @@ def run_round(rnd: int, strategy: Strategy, engine: Engine, shared_dir: Path, de
         statuses[k] = ClientRound(NO_REPLY)
     for k, reason in exchange.failed.items():
         statuses[k] = ClientRound(FAILED, reason=reason)
+    for k, reason in exchange.lost.items():
+        statuses[k] = ClientRound(LOST, reason=reason)
     accepted = accept_arrivals(exchange.arrivals, shared_dir, strategy.uplink_kinds, statuses, rnd)
     aggregate = strategy.aggregate_round(rnd, accepted.uplinks)
     for k, w in aggregate.used.items():
         statuses[k].weight = w
     accepted.dp_events += aggregate.dp_events
     return RoundRecord(rnd, statuses, aggregate.server_loss), accepted
+
+
+def unreported_dp_rounds(records: list[RoundRecord], events: list[DPEvent], client_ids: list[int]) -> dict[int, str]:
+    """Clients that may have spent privacy budget the ledger does not hold: a message reached them in a
+    round, no usable reply came back (no reply by the end of the run, or one lost on the way), and no
+    later report of theirs covers that round (a trained round appears as a DP event in every later
+    report; a budget-spent reply says it trained nothing)."""
+    out = {}
+    for k in client_ids:
+        covered = {e.round for e in events if e.client == k}
+        covered |= {r.round - (r.clients[k].staleness or 0) for r in records
+                    if k in r.clients and r.clients[k].status == BUDGET_SPENT}
+        missing = sorted(r.round for r in records
+                         if k in r.clients and r.clients[k].status in (NO_REPLY, LOST) and r.round not in covered)
+        if missing:
+            out[k] = (f"round(s) {missing}: a message reached the client but no usable reply came back, so what it "
+                      "spent there is unknown")
+    return out

@@ -192,10 +192,11 @@ def test_a_client_never_overruns_its_budget(tmp_path):
         state = client.state_dict()
     assert all(isinstance(v, float) and np.isfinite(v) for v in losses[:ROUNDS]), losses
     assert losses[ROUNDS] is None and client.budget_exhausted
-    assert Client(setup, state, ROUNDS + 1).train_round() == (None, [])  # and stays refused
+    loss, history = Client(setup, state, ROUNDS + 1).train_round()  # and stays refused, trains nothing more
+    assert loss is None and [e.round for e in history] == list(range(ROUNDS))  # its report repeats its history
     ledger = new_ledger(cfg, [setup], [])
-    ledger.merge(events)
-    assert len(ledger.events) == ROUNDS
+    ledger.merge(events)  # every round's report repeated the history: the ledger keeps one event per round
+    assert len(events) > ROUNDS and len(ledger.events) == ROUNDS
     assert [e.round for e in ledger.events] == list(range(ROUNDS))
     spent = spent_epsilon(cfg.privacy, ledger.history(0))
     assert spent <= TARGET_EPSILON + EPSILON_TOLERANCE

@@ -35,7 +35,8 @@ class Arrival:
 class Exchange:
     arrivals: list[Arrival] = field(default_factory=list)
     no_reply: list[int] = field(default_factory=list)  # sent this round, no reply by the deadline
-    failed: dict[int, str] = field(default_factory=dict)  # the client answered with an error
+    failed: dict[int, str] = field(default_factory=dict)  # the client refused the message: it trained nothing
+    lost: dict[int, str] = field(default_factory=dict)  # a reply came back unusable: the client may have trained
 
 
 class Engine(ABC):
@@ -67,7 +68,7 @@ class Engine(ABC):
 
 
 class ClientFailure(Exception):
-    """A client could not handle its message (the reason is sent back instead of a reply)."""
+    """A client refused its message before training anything (the reason is sent back instead of a reply)."""
 
 
 def handle_encoded(setup: ClientSetup, handler: ClientHandler, state: dict | None, blob: bytes,
@@ -80,6 +81,9 @@ def handle_encoded(setup: ClientSetup, handler: ClientHandler, state: dict | Non
         raise ClientFailure(f"client {setup.client} rejected its downlink: {err}") from None
     if setup.client not in down.recipients:
         raise ClientFailure(f"client {setup.client} received a downlink addressed to {list(down.recipients)}")
+    if state is not None and down.round <= int(state["round"]):
+        raise ClientFailure(f"client {setup.client} was sent round {down.round} after it trained round "
+                            f"{state['round']}; a client trains each round at most once")
     client = Client(setup, state, down.round)
     reply = handler.handle(client, down)
     blob, meta = encode(reply)

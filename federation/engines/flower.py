@@ -9,7 +9,8 @@ ServerApp), on Flower's simulation runtime or on a real SuperLink with one Super
   recipient has answered or ``round_timeout`` passes. A reply that arrives later is returned in a
   later round (its staleness is recorded by the round loop); until then its client is busy.
 - A reply must come from the node pinned to the client it answers for, name that client, and pass
-  its sha256 check; otherwise the client is recorded as failed for the round.
+  its sha256 check; otherwise its reply is recorded as lost (the client may have trained: unless a later
+  report covers that round, its DP spend is unknown and no epsilon is reported for it).
 """
 from __future__ import annotations
 
@@ -64,8 +65,10 @@ class FlowerEngine(Engine):
             raise FederationError(f"node {node} could not join the federation: {_one_line(reply.error.reason)}")
         said = info(reply.content)
         if "failure" in said:
-            raise FederationError(f"node {node} could not join the federation: {said['failure']}")
-        claimed = int(said["client"])
+            raise FederationError(f"node {node} could not join the federation: {_one_line(said['failure'])}")
+        claimed = said.get("client")
+        if not isinstance(claimed, int) or isinstance(claimed, bool):
+            raise FederationError(f"node {node} answered the first contact without a client id")
         if claimed not in self.client_ids:
             raise FederationError(f"node {node} claims client {claimed}, which is not in this federation "
                                   f"(clients {self.client_ids})")
@@ -105,23 +108,23 @@ class FlowerEngine(Engine):
             k, sent_round = self.outstanding.pop(reply.metadata.reply_to_message_id)
             node = reply.metadata.src_node_id
             if node != self.nodes[k]:
-                out.failed[k] = f"a reply for client {k} came from node {node}, not from its pinned node {self.nodes[k]}"
+                out.lost[k] = f"a reply for client {k} came from node {node}, not from its pinned node {self.nodes[k]}"
                 continue
             if reply.has_error():
-                out.failed[k] = f"client {k}'s node answered with an error: {_one_line(reply.error.reason)}"
+                out.lost[k] = f"client {k}'s node answered with an error: {_one_line(reply.error.reason)}"
                 continue
             try:
                 said = info(reply.content)
-                if "failure" in said:
-                    out.failed[k] = str(said["failure"])
+                if "failure" in said:  # the client refused the message before training
+                    out.failed[k] = _one_line(str(said["failure"]))
                     continue
                 blob, meta, rnd, claimed = unpack(reply.content, f"reply of client {k}")
             except UploadRejected as err:
-                out.failed[k] = str(err)
+                out.lost[k] = str(err)
                 continue
             if claimed != k or rnd != sent_round:
-                out.failed[k] = (f"node {node}, pinned to client {k}, answered as client {claimed} for round {rnd}; "
-                                 "a node may not claim another client's id")
+                out.lost[k] = (f"node {node}, pinned to client {k}, answered as client {claimed} for round {rnd}; "
+                               "a node may not claim another client's id")
                 continue
             out.arrivals.append(Arrival(k, sent_round, blob, meta))
 

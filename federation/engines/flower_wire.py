@@ -38,7 +38,7 @@ def unpack(content: RecordDict, what: str) -> tuple[bytes, dict, int, int]:
         blob = array.numpy().astype(np.uint8, copy=False).tobytes()
         meta = json.loads(data["meta"])
         rnd, client, digest = int(data["round"]), int(data["client"]), str(data["sha256"])
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, RecursionError) as err:
         raise UploadRejected(f"{what}: a malformed Flower message ({type(err).__name__}: {err})") from None
     if hashlib.sha256(blob).hexdigest() != digest:
         raise UploadRejected(f"{what}: the payload's sha256 does not match the one sent with it")

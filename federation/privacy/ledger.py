@@ -42,7 +42,15 @@ class PrivacyLedger:
         self.events.append(event)
 
     def merge(self, events: list[DPEvent], unaccounted: dict[int, str] | None = None) -> None:
-        self.events = sorted(self.events + list(events), key=lambda e: (e.client, e.round))
+        """Add a report's events: one event per (client, round); a client's reports repeat its whole
+        history, so a repeated event is the same event, and a different one for the same round leaves
+        that client's spend unknown."""
+        held = {(e.client, e.round): e for e in self.events}
+        for e in events:
+            old = held.setdefault((e.client, e.round), e)
+            if old != e:
+                self.unaccounted.setdefault(str(e.client), f"two different DP reports for round {e.round}")
+        self.events = sorted(held.values(), key=lambda e: (e.client, e.round))
         for client, reason in (unaccounted or {}).items():
             self.unaccounted.setdefault(str(client), reason)
 

@@ -39,7 +39,7 @@ class AlignFLClient(ClientHandler):
         loss, events = client.train_round()
         if loss is None:  # budget spent: nothing new leaves the client; the server keeps its last decoder
             return Uplink(client.id, downlink.round, Payload("empty"), client.setup.num_samples,
-                          ClientReport("budget-exhausted"))
+                          ClientReport("budget-exhausted", None, events))
         report = ClientReport("trained", None if client.dp is not None else loss, events)
         return Uplink(client.id, downlink.round, client.decoder_payload(self.gmm_components),
                       client.setup.num_samples, report)

@@ -47,7 +47,10 @@ class FedAvgClient(ClientHandler):
         client.reset_optimizer()  # FedAvg's client policy: each round starts from the global model anew
         ref = {k: v.detach().clone() for k, v in global_state.items()} if self.mu > 0 else None
         loss, events = client.train_round(self.mu, ref)
-        report = ClientReport("trained", None if client.dp is not None else loss, events)
+        if client.budget_exhausted:  # it trained nothing: what it sends back is the global model it was sent
+            report = ClientReport("budget-exhausted", None, events)
+        else:
+            report = ClientReport("trained", None if client.dp is not None else loss, events)
         return Uplink(client.id, downlink.round, client.vae_payload(), client.setup.num_samples, report)
 
 

@@ -1,8 +1,8 @@
 """Engines side by side, in one script on one machine (the engine issue's benchmarks).
 
-1. In-process speed before and after the strategy contract: training wall time of the quickstart and
-   of one paper-mnist round, at a reference commit (run from a git worktree of it) and at this
-   checkout, interleaved, medians of ``--repeats``.
+1. In-process speed before and after the strategy contract: training time of the quickstart (and,
+   with ``--paper-before-after``, of one paper-mnist round) at a reference commit (run from a git
+   worktree of it) and at this checkout, interleaved, medians of ``--repeats``.
 2. Each engine on the same work: the quickstart (training only) and one paper-mnist round, in-process
    and on Flower's simulation runtime.
 3. Flower's fixed costs, from a tiny federation at 1 and 3 rounds on both engines:
@@ -74,7 +74,10 @@ def main() -> None:
     parser.add_argument("--data-root", required=True, help="full MNIST (for the paper-mnist round)")
     parser.add_argument("--before-worktree", required=True, help="a git worktree of the reference commit")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per quickstart and tiny measurement")
+    parser.add_argument("--paper-repeats", type=int, default=1, help="runs per engine of one paper-mnist round")
+    parser.add_argument("--paper-before-after", action="store_true",
+                        help="also time one paper-mnist round at the reference commit and here")
     args = parser.parse_args()
     before = str(Path(args.before_worktree).resolve())
     ref = subprocess.run(["git", "-C", before, "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -88,18 +91,21 @@ def main() -> None:
     out: dict = {"threads": t, "repeats": args.repeats, "reference_commit": ref, "commit": head,
                  "machine": f"{os.cpu_count()} cores"}
 
-    # 1. in-process before/after, interleaved
-    series: dict[str, list] = {k: [] for k in ("quick_before", "quick_after", "paper1_before", "paper1_after")}
+    # 1. in-process before/after, interleaved (the quickstart's training; --paper-before-after adds one
+    #    paper-mnist round)
+    pairs = [("quick", quick_before, quick, [], None)]
+    if args.paper_before_after:
+        pairs.append(("paper1", paper_before, paper, one_round, args.data_root))
+    series: dict[str, list] = {}
     for _ in range(args.repeats):
-        series["quick_before"].append(run(quick_before, [], t, None, before))
-        series["quick_after"].append(run(quick, [], t, None))
-        series["paper1_before"].append(run(paper_before, one_round, t, args.data_root, before))
-        series["paper1_after"].append(run(paper, one_round, t, args.data_root))
+        for name, cfg_before, cfg_after, sets, root in pairs:
+            series.setdefault(f"{name}_before", []).append(run(cfg_before, sets, t, root, before))
+            series.setdefault(f"{name}_after", []).append(run(cfg_after, sets, t, root))
         print(json.dumps({k: v[-1]["train"] for k, v in series.items()}), flush=True)
     out["inprocess_before_after"] = {
         k: {"train_seconds": [r["train"] for r in v], "median_train": median([r["train"] for r in v]),
             "median_wall": median([r["wall"] for r in v]), "utility": v[0]["utility"]} for k, v in series.items()}
-    for name in ("quick", "paper1"):
+    for name, *_ in pairs:
         b, a = out["inprocess_before_after"][f"{name}_before"], out["inprocess_before_after"][f"{name}_after"]
         out["inprocess_before_after"][f"{name}_ratio_after_over_before"] = round(a["median_train"] / b["median_train"], 3)
 
@@ -108,7 +114,8 @@ def main() -> None:
     for label, config, sets, root in (("quickstart", quick, [], None), ("paper-mnist-1-round", paper, one_round,
                                                                           args.data_root)):
         for engine in ("inprocess", "flower"):
-            runs = [run(config, sets + [f"engine.name={engine}"], t, root) for _ in range(max(1, args.repeats - 1))]
+            reps = args.paper_repeats if root else args.repeats
+            runs = [run(config, sets + [f"engine.name={engine}"], t, root) for _ in range(reps)]
             engines[f"{label}/{engine}"] = {"median_wall": median([r["wall"] for r in runs]),
                                             "median_train": median([r["train"] for r in runs]),
                                             "utility": runs[0]["utility"]}

@@ -100,6 +100,9 @@ def _setup(join: dict, client: int, context: Context) -> tuple[ClientSetup, obje
             raise ClientFailure(f"client {client}'s data on this node do not give the server's partition; "
                                 "give the node the run's dataset with --node-config data-root=DIR")
         setup = client_setups(cfg, data, partition, only=client)[0]
+        secret = str(context.node_config.get("noise-secret", ""))
+        if secret:  # the node's own randomness: the server and anyone who knows the run's seed cannot recompute it
+            setup.noise_secret = int.from_bytes(hashlib.sha256(secret.encode()).digest()[:8], "little")
         _SETUPS.clear()  # one client per node: keep only the current run's setup
         _SETUPS[key] = (setup, cfg.strategy_class.client_handler(cfg.strategy, cfg.server))
     return _SETUPS[key]
@@ -112,7 +115,7 @@ def _hello(msg: Message, context: Context) -> Message:
         client = _partition_id(context)
         setup, _ = _setup(join, client, context)
         context.state[JOIN_KEY] = ConfigRecord(join)
-        said = {"client": client, "num_samples": setup.num_samples}
+        said = {"client": client, "num_samples": setup.num_samples, "noise": setup.noise_source}
     except (ClientFailure, FederationError) as err:
         said = {"failure": str(err)}
     return Message(RecordDict({INFO: ConfigRecord(said)}), reply_to=msg)

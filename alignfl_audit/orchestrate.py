@@ -228,6 +228,9 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
         first, records = restore(state, strategy, engine, ledger, run.file(layout.SHARED))
         run.log(f"resumed after round {first - 1} from {layout.CHECKPOINTS}/{layout.CHECKPOINT}")
     engine.start()
+    for k, facts in engine.client_facts().items():  # e.g. where each client's DP noise comes from
+        if str(k) in ledger.clients:
+            ledger.clients[str(k)].update(facts)
     try:
         with tqdm(total=strategy.rounds, initial=first, disable=quiet, desc=cfg.name, unit="round",
                   leave=False) as bar:

@@ -36,6 +36,20 @@ class ClientSetup:
     seed: int
     privacy: PrivacySpec
     dp_plan: DPPlan | None = None
+    # the seed of the client's training randomness (batch sampling, reparameterization and DP noise).
+    # None: derived from the run's seed, so that a run repeats exactly (a simulation: whoever knows the
+    # seed can recompute the noise). A real client node sets a secret of its own (node config
+    # noise-secret), which the epsilon of DP-SGD assumes.
+    noise_secret: int | None = None
+
+    @property
+    def noise_seed(self) -> int:
+        return self.seed if self.noise_secret is None else self.noise_secret
+
+    @property
+    def noise_source(self) -> str:
+        return ("derived from the run's seed (reproducible; anyone who knows the seed can recompute it)"
+                if self.noise_secret is None else "a secret of the client's node")
 
     @property
     def num_samples(self) -> int:
@@ -52,13 +66,13 @@ class Client:
         s = setup.settings
         self.vae = VAE(setup.spec, seeded_generator(setup.seed, CLIENT_INIT, self.id) if state is None else None)
         self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=s.lr)
-        self.generator = seeded_generator(setup.seed, CLIENT_TRAIN, self.id, rnd)
+        self.generator = seeded_generator(setup.noise_seed, CLIENT_TRAIN, self.id, rnd)
         self.events: list[DPEvent] = []
         self.budget_exhausted = False
         self.dp: DPTrainer | None = None
         if setup.privacy.is_dp:
             self.dp = DPTrainer(self.vae, setup.privacy, setup.dp_plan, s.lr, s.lambda_kl, setup.num_samples,
-                                self.generator, seeded_generator(setup.seed, CLIENT_DP_NOISE, self.id, rnd))
+                                self.generator, seeded_generator(setup.noise_seed, CLIENT_DP_NOISE, self.id, rnd))
         if state is not None:
             self.load_state_dict(state)
 

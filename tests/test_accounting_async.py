@@ -105,3 +105,20 @@ def test_a_run_marked_failed_is_never_marked_complete(tmp_path):
     with pytest.raises(FederationError, match="was marked failed"):
         run.set_status("complete")
     assert json.loads(run.file("status.json").read_text())["state"] == "failed"
+
+
+def test_a_node_secret_replaces_the_run_seed_as_the_source_of_the_dp_noise(tiny_setup):
+    import dataclasses
+
+    from federation.client import Client
+
+    setup, _ = tiny_setup
+    secret = dataclasses.replace(setup, noise_secret=1234567)
+    assert "run's seed" in setup.noise_source and secret.noise_source == "a secret of the client's node"
+    trained = []
+    for s in (setup, setup, secret):
+        client = Client(s, None, 0)  # the same initial weights: CLIENT_INIT still comes from the run's seed
+        client.train_round()
+        trained.append(torch.cat([p.detach().flatten() for p in client.vae.decoder.parameters()]))
+    assert torch.equal(trained[0], trained[1])  # the run's seed fixes the noise
+    assert not torch.allclose(trained[0], trained[2])  # the secret changes it

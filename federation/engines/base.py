@@ -45,7 +45,6 @@ class Engine(ABC):
     def start(self) -> None:
         """Get ready for the first round (e.g. wait for nodes and pin them to client ids)."""
 
-    @abstractmethod
     def busy(self) -> set[int]:
         """Clients still working on an earlier round's message (they are sent nothing new)."""
 

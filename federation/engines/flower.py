@@ -78,6 +78,9 @@ class FlowerEngine(Engine):
         self.nodes[claimed] = node
         self.joined[claimed] = said
 
+    def client_facts(self) -> dict[int, dict]:
+        return {k: {"noise": str(said.get("noise", "not reported"))} for k, said in self.joined.items()}
+
     # ------------------------------------------------------------------ rounds
     def busy(self) -> set[int]:
         return {k for k, _ in self.outstanding.values()}

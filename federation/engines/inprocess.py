@@ -53,6 +53,9 @@ class InProcessEngine(Engine):
             return 0
         return 1 + int(torch.randint(0, self.settings.straggler_max_delay, (), generator=g))
 
+    def client_facts(self) -> dict[int, dict]:
+        return {k: {"noise": s.noise_source} for k, s in self.setups.items()}
+
     def busy(self) -> set[int]:
         return {a.client for _, a in self.pending}
 

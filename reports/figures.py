@@ -90,7 +90,7 @@ def roc(run: RunEvidence) -> str | None:
 
 STATUS_COLORS = {"replied": "#2ca02c", "late-reply": "#bcbd22", "no-reply": "#ff7f0e", "busy": "#ffbb78",
                  "not-selected": "#d9d9d9", "left": "#7f7f7f", "budget-spent": "#9467bd", "rejected": "#d62728",
-                 "failed": "#8c564b"}
+                 "failed": "#8c564b", "lost": "#e377c2"}
 
 
 def rounds(run: RunEvidence) -> str | None:

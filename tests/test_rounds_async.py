@@ -191,3 +191,10 @@ def test_every_shipped_config_takes_the_flower_engine():
         if "grid" in data or "runs" in data:  # a sweep file: each of its runs is a config
             continue
         assert from_dict({**data, "engine": {"name": "flower"}}).engine.name == "flower", path.name
+
+
+def test_the_report_draws_every_round_status():
+    from federation.rounds import STATUSES
+    from reports.figures import STATUS_COLORS
+
+    assert set(STATUS_COLORS) == set(STATUSES)

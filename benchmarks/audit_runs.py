@@ -86,7 +86,8 @@ def table() -> str:
                           for d in a["empirical_epsilon_detail"]["per_attack"].values())
         rows.append(f"| {b['label']} | {b['probe_accuracy']:.4f} | {eps} | {m['name']} | {m['auc']:.3f} "
                     f"[{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}] | {m['tpr_at_1pct_fpr']:.3f} | "
-                    f"{a['empirical_epsilon']:.3f} ({ceiling:.2f}) | {outl} | {p05} | {closer} | {memorised} | {typical} | {claim} | "
+                    f"{a['empirical_epsilon']:.3f} ({ceiling:.2f}) | {outl} | {p05} | {closer} | {memorised} | "
+                    f"{typical} | {claim} | "
                     f"{lip['lower']:.2f}–{lip['upper']:.1f} | "
                     f"{b['audit_wall_seconds'] / 60:.1f} / {b['train_seconds'] / 60:.1f} |")
     return "\n".join(rows)

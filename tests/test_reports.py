@@ -140,7 +140,8 @@ def test_what_the_audit_could_have_seen_is_stated_beside_every_bound(pipeline_ru
     s, c = audit["sensitivity"], audit["canaries"]
     g = s["membership_game"]
     assert (f"<b>What this audit could have seen:</b> a membership AUC outside 0.5 &plusmn; "
-            f"{g['auc_half_width']:.3f} ({g['n_members']} members and {g['n_nonmembers']} non-members pooled, 95%") in html
+            f"{g['auc_half_width']:.3f} ({g['n_members']} members and {g['n_nonmembers']} non-members pooled, "
+            "95%") in html
     assert f"a canary lower bound up to &epsilon; = {c['epsilon_ceiling']:.3f} (20 canaries, 8 guesses" in html
     assert f"a membership-game estimate up to &epsilon; = {s['membership_estimate_ceiling']:.3f}." in html
     row = _summary_row(html)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from alignfl_audit.config import ExperimentConfig, from_dict, migrate_config
+from alignfl_audit.config import ExperimentConfig, canary_guesses, from_dict, migrate_config
 from alignfl_audit.rundir import RunDir
 from federation import run_layout as layout
-from attacks.empirical_epsilon import clopper_pearson_epsilon, one_run_epsilon
+from attacks.empirical_epsilon import clopper_pearson_epsilon, one_run_ceiling, one_run_epsilon
 from attacks.latent_fit import fit_latents
 from attacks.lipschitz import lipschitz_bracket
 from attacks.membership import (LatentFitAttack, MonteCarloAttack, NearestSampleAttack, ReferenceCalibrated,
@@ -28,6 +28,7 @@ from attacks.mia_metrics import membership_metrics, roc_arrays
 from attacks.outlier_reconstruction import domain_classifier, reconstruct_groups
 from attacks.outlier_verdicts import outlier_verdicts
 from attacks.reference_models import ReferenceRecipe, train_reference_decoder
+from attacks.sensitivity import audit_sensitivity
 from attacks.shared_artifacts import SharedRun, load_shared_run
 from federation.rng import seeded_generator
 from federation.data.sources import EMBEDDED_ROOT, DataSource, _has_dataset, load_split, resolve_source
@@ -208,8 +209,11 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
         "empirical_epsilon": eps["headline"],
         "empirical_epsilon_kind": "estimate: Clopper-Pearson on the membership game of one training run "
                                   "(records are not independent trials); not a proof",
+        "empirical_epsilon_ceiling": eps["ceiling"],
         "empirical_epsilon_proven": (canaries or {}).get("epsilon_lb"),
+        "empirical_epsilon_proven_ceiling": (canaries or {}).get("epsilon_ceiling"),
         "empirical_epsilon_detail": eps,
+        "sensitivity": audit_sensitivity(mia, eps, canaries, a.alpha),
         "outliers": outliers,
         "lipschitz": lipschitz,
         "canaries": canaries,
@@ -287,6 +291,7 @@ def _empirical_epsilon(evidence: dict, attacks: list[str], delta: float, alpha: 
         per[name] = clopper_pearson_epsilon(s[labels], s[~labels], delta, alpha=level, seed=seed)
     best = max(per, key=lambda n: per[n]["epsilon_lb"])
     return {"headline": per[best]["epsilon_lb"], "attack": best, "delta": delta, "alpha": alpha,
+            "ceiling": max(p["epsilon_ceiling"] for p in per.values()),  # the most the estimate could show
             "per_attack_alpha": level, "per_attack": per,
             "method": "Clopper-Pearson (Jagielski et al. 2020) on a held-out half, Bonferroni over attacks",
             "validity": "treats each candidate as an independent trial; members and non-members come from one "
@@ -358,8 +363,12 @@ def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence) -> d
     c = part.get("canaries") or {}
     if not c.get("ids"):
         return None
+    m = len(c["ids"])
+    guesses = canary_guesses(m, a) // 2  # on each side
     if c["client"] not in shared.decoders:
-        return {"client": c["client"], "epsilon_lb": None, "note": "the canary client shared no decoder"}
+        return {"client": c["client"], "epsilon_lb": None, "m": m, "r": 2 * guesses, "delta": delta, "beta": a.alpha,
+                "epsilon_ceiling": one_run_ceiling(m, 2 * guesses, delta, a.alpha),
+                "note": "the canary client shared no decoder"}
     k = c["client"]
     target = shared.final(k)
     included = np.asarray(c["included"], bool)
@@ -367,11 +376,10 @@ def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence) -> d
     scores = attack.fit(target.decoder, target.latent_dim, seeded_generator(seed, 75, k)).score(
         to_tensor(out_train.images[np.asarray(c["ids"])]))
     evidence.update(canary_scores=scores, canary_included=included)
-    m = len(scores)
-    guesses = max(1, int(a.canary_guesses * m))
     result = one_run_epsilon(scores, included, guesses, guesses, delta, beta=a.alpha)
     return {"client": k, "attack": attack.name, **result,
-            "kind": "lower bound with proof at confidence 1 - beta (Steinke, Nasr, Jagielski 2023)"}
+            "kind": "lower bound with proof at confidence 1 - beta (Steinke, Nasr, Jagielski 2023)",
+            "ceiling": "epsilon_ceiling: the most this audit could have shown (all r guesses right)"}
 
 
 def _accountant(run: RunDir) -> dict:

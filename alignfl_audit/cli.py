@@ -186,10 +186,16 @@ def _print_audit(path) -> None:
                  f"{o['typical_mapping']['verdict']}")
     acc = audit["accountant"]
     formal = f"accountant epsilon={acc['epsilon']:.3f}" if acc["formal_guarantee"] else "no formal guarantee"
-    proven = audit.get("empirical_epsilon_proven")
-    canary = f"canary lower bound epsilon>={proven:.3f}, " if proven is not None else ""
-    print(f"{path}: best AUC {best[1]['auc']:.3f} ({best[0]}), {canary}membership-game epsilon estimate "
-          f"{audit['empirical_epsilon']:.3f} (not a proof; {formal}){outl}")
+    c = audit.get("canaries") or {}
+    canary = f"canaries: {c['note']}, " if c.get("note") else "no canaries: no proven bound, "
+    if c.get("epsilon_lb") is not None:
+        canary = (f"canary lower bound epsilon>={c['epsilon_lb']:.3f} (the most this audit could have shown: "
+                  f"{c['epsilon_ceiling']:.3f}; {c['m']} canaries, {c['r']} guesses), ")
+    game = audit["sensitivity"]["membership_game"]
+    print(f"{path}: best AUC {best[1]['auc']:.3f} ({best[0]}; chance band 0.5 +- {game['auc_half_width']:.3f} at "
+          f"{game['n_members']} members and {game['n_nonmembers']} non-members), {canary}membership-game epsilon "
+          f"estimate {audit['empirical_epsilon']:.3f} (the most this audit could have shown: "
+          f"{audit['empirical_epsilon_ceiling']:.3f}; not a proof; {formal}){outl}")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -228,7 +234,8 @@ def _empirical_epsilon(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
         return 0
     print(f"empirical epsilon >= {res['epsilon_lb']:.4f} at delta = {res['delta']:g}, "
-          f"{1 - res['alpha']:.0%} confidence (Clopper-Pearson, {res['selection']} threshold selection)")
+          f"{1 - res['alpha']:.0%} confidence (Clopper-Pearson, {res['selection']} threshold selection); "
+          f"the most these counts could have shown: {res['epsilon_ceiling']:.4f}")
     print(f"  threshold {res['threshold']:.6g}: FPR {res['fpr']:.4f} (upper {res['fpr_ub']:.4f}), "
           f"FNR {res['fnr']:.4f} (upper {res['fnr_ub']:.4f}) on the held-out half: "
           f"{res['n_members_eval']} members, {res['n_nonmembers_eval']} non-members")

@@ -160,6 +160,7 @@ class ExperimentConfig:
                 raise ConfigError("each entry of clients must be a model spec mapping")
         self.privacy.validate()
         _check_audit(self.audit)
+        _check_canaries(self.partition.canaries.count, self.audit, self.privacy.delta)
         if self.audit.enabled and not cls.federated():
             raise ConfigError(f"audit: the {cls.name} strategy shares nothing (it has no federation), so there is "
                               "nothing to audit; set audit: false or pass --no-audit")
@@ -193,6 +194,22 @@ def _check_audit(a: AuditConfig) -> None:
     if not a.reconstruction_threshold > 0:
         raise ConfigError(f"audit.reconstruction_threshold must be > 0, got {a.reconstruction_threshold}")
     check_rate(a.typical_mapping_rate, "audit.typical_mapping_rate")
+
+
+def canary_guesses(count: int, a: AuditConfig) -> int:
+    """r, the canary audit's guesses: audit.canary_guesses of the canaries on each side, at least one."""
+    return 2 * max(1, int(a.canary_guesses * count))
+
+
+def _check_canaries(count: int, a: AuditConfig, delta: float) -> None:
+    """Canaries whose bound could never exceed 0 (too few guesses) are refused: they cost utility and can
+    prove nothing."""
+    from attacks.empirical_epsilon import one_run_ceiling
+
+    if count and one_run_ceiling(count, canary_guesses(count, a), delta, a.alpha) == 0.0:
+        raise ConfigError(f"partition.canaries.count {count} with audit.canary_guesses {a.canary_guesses} gives "
+                          f"{canary_guesses(count, a)} guesses, whose one-run bound can never exceed 0 at "
+                          f"audit.alpha {a.alpha}: insert more canaries or guess a larger fraction")
 
 
 def _check_bk(privacy: PrivacySpec, specs: list[dict]) -> None:

@@ -16,6 +16,10 @@ turns the output of an attack into a statistical lower bound, valid with probabi
   guesses is compared with what an (epsilon, delta)-DP mechanism allows. Valid for one run, under
   that randomized inclusion.
 
+Each bound also reports its ``epsilon_ceiling``: the most it could show with the same counts if the
+attack made no mistake (:func:`clopper_pearson_ceiling`, :func:`one_run_ceiling`). A bound at its
+ceiling says the audit's size, not the mechanism, stopped it.
+
 Scores follow one convention throughout: higher score = more likely a member.
 """
 from __future__ import annotations
@@ -229,6 +233,7 @@ def _bound(eval_m: np.ndarray, eval_n: np.ndarray, cands: np.ndarray, delta: flo
     i = int(np.argmax(eps))  # the first maximum: the split pick (first candidate) wins ties
     return {
         "epsilon_lb": float(eps[i]),
+        "epsilon_ceiling": clopper_pearson_ceiling(eval_m.size, eval_n.size, delta, alpha, k),
         "threshold": float(cands[i]),
         "fpr": float(fp[i] / eval_n.size),
         "fnr": float(fn[i] / eval_m.size),
@@ -241,6 +246,20 @@ def _bound(eval_m: np.ndarray, eval_n: np.ndarray, cands: np.ndarray, delta: flo
         "delta": delta,
         "selection": selection,
     }
+
+
+def clopper_pearson_ceiling(n_members: int, n_nonmembers: int, delta: float, alpha: float,
+                            n_candidates: int = 1) -> float:
+    """The most :func:`clopper_pearson_epsilon` can report on an evaluation half of this size: the bound
+    when the threshold makes no error at all (FP = FN = 0), where both Clopper-Pearson upper bounds are
+    smallest. No attack, however strong, can prove more with these counts."""
+    n_members = _count(n_members, "n_members", 1)
+    n_nonmembers = _count(n_nonmembers, "n_nonmembers", 1)
+    delta = _probability(delta, "delta", low_open=False)
+    alpha = _probability(alpha, "alpha", low_open=True)
+    level = alpha / (2 * _count(n_candidates, "n_candidates", 1))
+    return float(_epsilon_from_rates(clopper_pearson_upper(0, n_nonmembers, level),
+                                     clopper_pearson_upper(0, n_members, level), delta))
 
 
 # --------------------------------------------------------------------------- one run
@@ -301,7 +320,25 @@ def one_run_epsilon(canary_scores, included, k_pos: int, k_neg: int, delta: floa
     order = perm[np.argsort(-scores[perm], kind="stable")]  # descending, ties in random order
     v = int(np.count_nonzero(inc[order[:k_pos]]) + np.count_nonzero(~inc[order[m - k_neg:]]))
     r = k_pos + k_neg
+    return {"epsilon_lb": _largest_rejected(m, r, v, delta, beta),
+            "epsilon_ceiling": _largest_rejected(m, r, r, delta, beta),  # the most these m, r can prove
+            "m": int(m), "r": int(r), "v": v, "k_pos": k_pos, "k_neg": k_neg, "beta": beta, "delta": delta}
 
+
+def one_run_ceiling(m: int, r: int, delta: float, beta: float = 0.05) -> float:
+    """The most :func:`one_run_epsilon` can prove with m canaries and r guesses: its bound when all r
+    guesses are right (v = r). For delta = 0 this is max(0, logit(beta ** (1 / r))); a positive delta lowers it
+    slightly through the 2 m delta term. No attack, however strong, can prove more with these counts."""
+    m = _count(m, "canaries (m)", 2)
+    r = _count(r, "guesses (r)", 1)
+    if r > m:
+        raise ConfigError(f"guesses (r = {r}) cannot exceed the canaries (m = {m})")
+    return _largest_rejected(m, r, r, _probability(delta, "delta", low_open=False),
+                             _probability(beta, "beta", low_open=True))
+
+
+def _largest_rejected(m: int, r: int, v: int, delta: float, beta: float) -> float:
+    """The largest epsilon whose p-value (:func:`one_run_p_value`) is <= beta, by bisection; 0 if none."""
     def rejected(eps: float) -> bool:
         return one_run_p_value(m, r, v, eps, delta) <= beta
 
@@ -316,5 +353,4 @@ def one_run_epsilon(canary_scores, included, k_pos: int, k_neg: int, delta: floa
                 lo = mid
             else:
                 hi = mid
-    return {"epsilon_lb": float(lo), "m": int(m), "r": int(r), "v": v, "k_pos": k_pos, "k_neg": k_neg,
-            "beta": beta, "delta": delta}
+    return float(lo)

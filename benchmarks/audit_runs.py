@@ -47,7 +47,8 @@ def table() -> str:
     from attacks.outlier_verdicts import TYPICAL_MAPPING_RATE, outlier_verdicts
     from reports.summary import best_attack
 
-    rows = ["| run | probe acc. | accountant ε | best attack | AUC [95% CI] | TPR@1%FPR | ε estimate (CP) | "
+    rows = ["| run | probe acc. | accountant ε | best attack | AUC [95% CI] | TPR@1%FPR | ε estimate (CP) "
+            "(the most this audit could have shown) | "
             "outliers / controls reconstructed | normalized distance, 5th percentile: outliers / controls / inliers | "
             "outliers closer than controls (p) | outliers memorised | mapped to typical: outliers / controls / "
             "inliers | outliers mapped to typical points (claim) | Lipschitz lower–upper (client 0) | "
@@ -76,9 +77,17 @@ def table() -> str:
         p05 = " / ".join(f"{groups[g]['normalized']['p05']:.2f}" if g in groups else "n/a"
                          for g in ("outliers", "controls", "inliers"))
         lip = a["lipschitz"]["0"]
+        # the estimate's ceiling from the recorded counts (audits written before it was recorded lack it)
+        ceiling = a.get("empirical_epsilon_ceiling")
+        if ceiling is None:
+            from attacks.empirical_epsilon import clopper_pearson_ceiling
+            ceiling = max(clopper_pearson_ceiling(d["n_members_eval"], d["n_nonmembers_eval"], d["delta"],
+                                                  d["alpha"], d["n_candidates"])
+                          for d in a["empirical_epsilon_detail"]["per_attack"].values())
         rows.append(f"| {b['label']} | {b['probe_accuracy']:.4f} | {eps} | {m['name']} | {m['auc']:.3f} "
                     f"[{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}] | {m['tpr_at_1pct_fpr']:.3f} | "
-                    f"{a['empirical_epsilon']:.3f} | {outl} | {p05} | {closer} | {memorised} | {typical} | {claim} | "
+                    f"{a['empirical_epsilon']:.3f} ({ceiling:.2f}) | {outl} | {p05} | {closer} | {memorised} | "
+                    f"{typical} | {claim} | "
                     f"{lip['lower']:.2f}–{lip['upper']:.1f} | "
                     f"{b['audit_wall_seconds'] / 60:.1f} / {b['train_seconds'] / 60:.1f} |")
     return "\n".join(rows)

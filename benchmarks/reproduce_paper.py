@@ -4,6 +4,8 @@ full MNIST / Fashion-MNIST, and the privacy mechanisms, through the product's ow
     python benchmarks/reproduce_paper.py --data-root ../shared/datasets --jobs 2
     python benchmarks/reproduce_paper.py --data-root ../shared/datasets --datasets mnist --seeds 0 \
         --systems dpsgd-eps1 dpsgd-eps10 lcd-0.1 lcd-1 dpsgd-decoder-eps10 dpsgd-median-eps10
+    python benchmarks/reproduce_paper.py --data-root ../shared/datasets --datasets mnist --seeds 0 1 \
+        --systems alignfl-canaries1000 alignfl-nocanaries          # the canaries' utility cost
 
 Each run's metrics.json is copied to benchmarks/results/<label>.json as soon as it finishes; a
 finished label is skipped on a rerun. ``summarize.py`` turns the results into the README table.
@@ -49,6 +51,10 @@ SYSTEMS = {
                                                "privacy.delta=1e-5", "privacy.clipping=median-nonprivate"]),
     "lcd-0.1": ("paper-{ds}.yaml", ["privacy.mechanism=lcd", "privacy.lcd_lambda=0.1"]),
     "lcd-1": ("paper-{ds}.yaml", ["privacy.mechanism=lcd", "privacy.lcd_lambda=1"]),
+    # the utility cost of the canaries the paper configs insert by default (explicit counts, so that the
+    # labels mean the same whatever the config's default): probe accuracy with and without them
+    "alignfl-canaries1000": ("paper-{ds}.yaml", ["partition.canaries.count=1000"]),
+    "alignfl-nocanaries": ("paper-{ds}.yaml", ["partition.canaries.count=0"]),
     # client dropout: each client takes part in a round with this probability
     # (dropout0 is the plain alignfl run again, so that all three rows share one thread count)
     "alignfl-dropout0": ("paper-{ds}.yaml", ["server.participation=1.0"]),

@@ -67,6 +67,7 @@ def run_format(metrics: dict) -> str:
     return metrics.get("run_format", LEGACY_RUN_FORMAT) if isinstance(metrics, dict) else LEGACY_RUN_FORMAT
 
 # audit.json: /2 splits the outlier verdict (memorisation; mapped to typical points) and records the
-# class-matched membership game; /1 files (one outlier verdict) still render
-AUDIT_FORMAT = "alignfl-audit/2"
-READABLE_AUDIT_FORMATS = ("alignfl-audit/1", AUDIT_FORMAT)
+# class-matched membership game; /3 adds the audit's sensitivity (the game's AUC half-width) and the ceiling
+# of every epsilon bound; /1 and /2 files still render (without those)
+AUDIT_FORMAT = "alignfl-audit/3"
+READABLE_AUDIT_FORMATS = ("alignfl-audit/1", "alignfl-audit/2", AUDIT_FORMAT)

@@ -32,9 +32,12 @@ def tidy(runs: list[RunEvidence]) -> pd.DataFrame:
         sources = {"utility": run.metrics.get("utility", {}), "privacy": run.metrics.get("privacy", {}),
                    "timing": run.metrics.get("timing_seconds", {})}
         if run.audit:
-            for key in ("mia", "outliers", "lipschitz", "canaries", "accountant", "empirical_epsilon_detail"):
+            for key in ("mia", "outliers", "lipschitz", "canaries", "accountant", "empirical_epsilon_detail",
+                        "sensitivity"):
                 sources[key] = run.audit.get(key)
-            sources["audit"] = {"empirical_epsilon": run.audit.get("empirical_epsilon")}
+            sources["audit"] = {k: run.audit.get(k) for k in ("empirical_epsilon", "empirical_epsilon_ceiling",
+                                                               "empirical_epsilon_proven",
+                                                               "empirical_epsilon_proven_ceiling")}
         for section, obj in sources.items():
             found: list = []
             _walk((), obj, found)

@@ -43,8 +43,11 @@ def verdict_row(run: RunEvidence) -> dict:
         "audited": audit is not None,
         "shares_decoders": shares_decoders(run),
         "empirical_epsilon": audit.get("empirical_epsilon") if audit else None,
+        "empirical_epsilon_ceiling": audit.get("empirical_epsilon_ceiling") if audit else None,
         "canary_epsilon": (audit.get("canaries") or {}).get("epsilon_lb") if audit else None,
+        "canary_ceiling": (audit.get("canaries") or {}).get("epsilon_ceiling") if audit else None,
         "canary_delta": (audit.get("canaries") or {}).get("delta") if audit else None,
+        "sensitivity": audit.get("sensitivity") if audit else None,  # None: audited before it was recorded
         "best_attack": best_attack(audit),
         "outliers": outliers,
         "lipschitz": sorted((cid, b["lower"], b["upper"]) for cid, b in lipschitz.items()),

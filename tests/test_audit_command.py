@@ -76,6 +76,41 @@ def test_audit_json_has_the_contracted_fields(audited):
     assert (run / audit["outliers"]["figures"]["outliers"]).is_file()
 
 
+def test_what_the_audit_could_have_seen_is_recorded_and_printed(audited, capsys):
+    from alignfl_audit.cli import _print_audit
+    from attacks.empirical_epsilon import clopper_pearson_ceiling, one_run_ceiling
+    from attacks.sensitivity import auc_half_width
+
+    run, audit = audited
+    c, alpha = audit["canaries"], audit["settings"]["alpha"]
+    assert c["r"] == 8  # 20 canaries, 0.2 of them guessed on each side
+    assert c["epsilon_ceiling"] == one_run_ceiling(20, 8, c["delta"], alpha)
+    assert audit["empirical_epsilon_proven_ceiling"] == c["epsilon_ceiling"]
+    assert 0 <= c["epsilon_lb"] <= c["epsilon_ceiling"]
+    cp = audit["empirical_epsilon_detail"]
+    for res in cp["per_attack"].values():
+        assert res["epsilon_lb"] <= res["epsilon_ceiling"] == clopper_pearson_ceiling(
+            res["n_members_eval"], res["n_nonmembers_eval"], res["delta"], res["alpha"], res["n_candidates"])
+    assert audit["empirical_epsilon_ceiling"] == max(r["epsilon_ceiling"] for r in cp["per_attack"].values())
+    s = audit["sensitivity"]
+    pooled = audit["mia"]["white_box_latent_fit"]
+    g = s["membership_game"]
+    assert (g["n_members"], g["n_nonmembers"]) == (pooled["n_members"], pooled["n_nonmembers"])
+    assert g["auc_half_width"] == auc_half_width(pooled["n_members"], pooled["n_nonmembers"], 1 - alpha) > 0
+    assert "Hanley-McNeil" in g["method"] and set(g["clients"]) == {"0", "1", "2"}
+    for cid, cg in g["clients"].items():
+        n = pooled["clients"][cid]["n_members"]
+        assert cg["auc_half_width"] == auc_half_width(n, n, 1 - alpha) > g["auc_half_width"]
+    assert s["canaries"]["epsilon_ceiling"] == c["epsilon_ceiling"] and s["canary_note"] is None
+    assert s["membership_estimate_ceiling"] == audit["empirical_epsilon_ceiling"]
+    _print_audit(run / "audit.json")
+    line = capsys.readouterr().out
+    assert f"chance band 0.5 +- {g['auc_half_width']:.3f}" in line
+    assert (f"canary lower bound epsilon>={c['epsilon_lb']:.3f} (the most this audit could have shown: "
+            f"{c['epsilon_ceiling']:.3f}; 20 canaries, 8 guesses)") in line
+    assert f"(the most this audit could have shown: {audit['empirical_epsilon_ceiling']:.3f}; not a proof" in line
+
+
 def test_the_membership_game_is_class_matched_and_its_counts_are_recorded(audited):
     from federation.data.sources import load_split, resolve_source
 

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from scipy import special, stats
 
 from alignfl_audit.cli import main
-from attacks.empirical_epsilon import (clopper_pearson_epsilon, clopper_pearson_upper, load_scores,
-                                       one_run_epsilon, one_run_p_value)
+from attacks.empirical_epsilon import (clopper_pearson_ceiling, clopper_pearson_epsilon, clopper_pearson_upper,
+                                       load_scores, one_run_ceiling, one_run_epsilon, one_run_p_value)
 from federation.errors import ConfigError
 
 SELECTIONS = ("split", "bonferroni")
@@ -125,6 +125,27 @@ def test_perfect_separation_matches_hand_computation_and_grows_with_n():
         prev = res["epsilon_lb"]
 
 
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_the_ceiling_is_reached_by_perfect_separation_and_never_exceeded(selection):
+    alpha, delta = 0.05, 1e-5
+    rng = np.random.default_rng(5)
+    perfect = clopper_pearson_epsilon(10 + rng.random(300), rng.random(300), delta, selection=selection)
+    assert perfect["epsilon_lb"] == pytest.approx(perfect["epsilon_ceiling"], rel=1e-12)
+    assert perfect["epsilon_ceiling"] == clopper_pearson_ceiling(150, 150, delta, alpha, perfect["n_candidates"])
+    for shift in (0.0, 0.5, 2.0):  # an imperfect attack stays below the same counts' ceiling
+        res = clopper_pearson_epsilon(rng.normal(shift, 1, 300), rng.normal(0, 1, 300), delta, selection=selection)
+        assert res["epsilon_lb"] < res["epsilon_ceiling"]
+        assert res["epsilon_ceiling"] == clopper_pearson_ceiling(150, 150, delta, alpha, res["n_candidates"])
+
+
+def test_clopper_pearson_ceiling_rejects_bad_input():
+    for args, message in (((0, 5, 0.0, 0.05), "n_members"), ((5, 5, 1.0, 0.05), "delta"),
+                          ((5, 5, 0.0, 1.0), "alpha"), ((5, 5, 0.0, 0.05, 0), "n_candidates")):
+        with pytest.raises(ConfigError, match=message) as err:
+            clopper_pearson_ceiling(*args)
+        assert "\n" not in str(err.value)
+
+
 def test_bonferroni_pays_for_its_candidates_but_finds_a_real_signal():
     rng = np.random.default_rng(11)
     members, nonmembers = rng.normal(2.0, 1.0, 2000), rng.normal(0.0, 1.0, 2000)
@@ -212,6 +233,35 @@ def test_one_run_all_correct_is_positive_grows_with_r_and_matches_closed_form():
         assert res["epsilon_lb"] == pytest.approx(special.logit(beta ** (1 / r)), abs=1e-9)
         assert res["epsilon_lb"] > prev
         prev = res["epsilon_lb"]
+
+
+@pytest.mark.parametrize("m, r", [(100, 40), (1000, 400), (200, 80), (10, 2)])
+@pytest.mark.parametrize("delta", [0.0, 1e-5])
+def test_one_run_ceiling_is_what_every_guess_right_gives(m, r, delta):
+    beta = 0.05
+    scores, included = _canaries(m, 4, noise=0.01)
+    res = one_run_epsilon(scores, included, r // 2, r - r // 2, delta, beta=beta)
+    assert res["v"] == r and res["epsilon_lb"] == res["epsilon_ceiling"] == one_run_ceiling(m, r, delta, beta)
+    if delta == 0:
+        # r <= log(beta) / log(1/2) guesses cannot prove anything: the ceiling is 0, never negative
+        assert res["epsilon_ceiling"] == pytest.approx(max(0.0, special.logit(beta ** (1 / r))), abs=1e-9)
+    else:  # the 2 m delta term only lowers it
+        assert res["epsilon_ceiling"] <= one_run_ceiling(m, r, 0.0, beta)
+    noisy = one_run_epsilon(*_canaries(m, 5, noise=1.0), r // 2, r - r // 2, delta, beta=beta)
+    assert noisy["epsilon_lb"] <= noisy["epsilon_ceiling"] == res["epsilon_ceiling"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ((1, 1, 0.0), "canaries (m) must be an integer >= 2"),
+    ((10, 0, 0.0), "guesses (r) must be an integer >= 1"),
+    ((10, 11, 0.0), "cannot exceed the canaries"),
+    ((10, 4, 0.0, 1.5), "beta must be in (0, 1)"),
+    ((10, 4, -0.1), "delta must be in [0, 1)"),
+])
+def test_one_run_ceiling_rejects_bad_input(args, message):
+    with pytest.raises(ConfigError) as err:
+        one_run_ceiling(*args)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_one_run_scores_independent_of_inclusion_give_zero():
@@ -326,6 +376,7 @@ def test_cli_human(score_files, capsys):
     lines = out.strip().splitlines()
     assert len(lines) == 2
     assert f"empirical epsilon >= {res['epsilon_lb']:.4f}" in lines[0] and "95% confidence" in lines[0]
+    assert f"the most these counts could have shown: {res['epsilon_ceiling']:.4f}" in lines[0]
     assert f"upper {res['fpr_ub']:.4f}" in lines[1] and "100 members, 100 non-members" in lines[1]
 
 

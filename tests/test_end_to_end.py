@@ -11,6 +11,7 @@ from safetensors import safe_open
 from alignfl_audit.config import from_dict, load_config
 from alignfl_audit.orchestrate import run_experiment
 from conftest import PROJECT_ROOT, tiny_config
+from federation.errors import ConfigError
 from federation.messages import load_downlink, load_uplink
 
 UTILITY_KEYS = {"probe_accuracy", "probe_f1", "fid", "tstr_accuracy"}
@@ -40,6 +41,44 @@ def test_shipped_configs_validate_and_audit_and_report_by_default(path):
     cfg = load_config(PROJECT_ROOT / "configs" / path)
     assert cfg.report is True
     assert cfg.audit.enabled is cfg.strategy_class.federated()
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (PROJECT_ROOT / "configs").glob("*.yaml")
+                                        if not p.name.startswith("sweep-")))
+def test_shipped_configs_insert_canaries_whose_bound_can_be_positive(path):
+    """Canaries are on in every shipped config, and enough of them that the one-run bound could exceed 1."""
+    from attacks.empirical_epsilon import one_run_ceiling
+    from alignfl_audit.config import canary_guesses
+
+    cfg = load_config(PROJECT_ROOT / "configs" / path)
+    m = cfg.partition.canaries.count
+    assert m >= 2
+    assert one_run_ceiling(m, canary_guesses(m, cfg.audit), cfg.privacy.delta, cfg.audit.alpha) > 1.0
+
+
+def test_shipped_sweep_base_inserts_canaries():
+    import yaml
+
+    sweep = yaml.safe_load((PROJECT_ROOT / "configs" / "sweep-dp-vs-lcd.yaml").read_text())
+    assert load_config(PROJECT_ROOT / "configs" / sweep["base"]).partition.canaries.count >= 2
+
+
+def test_positive_control_twin_differs_only_in_privacy():
+    """configs/positive-control-dpsgd.yaml is configs/positive-control.yaml with DP-SGD: same data, model,
+    training, canaries and audit; only the name and the privacy section differ."""
+    plain = load_config(PROJECT_ROOT / "configs" / "positive-control.yaml").to_dict()
+    dp = load_config(PROJECT_ROOT / "configs" / "positive-control-dpsgd.yaml").to_dict()
+    assert plain["privacy"]["mechanism"] == "none"
+    assert dp["privacy"]["mechanism"] == "dp-sgd" and dp["privacy"]["target_epsilon"] > 0
+    assert {k for k in plain if plain[k] != dp[k]} == {"name", "privacy"}
+    assert plain["data"]["allow_embedded"] is True and plain["partition"]["canaries"]["count"] >= 2
+
+
+def test_canaries_that_can_prove_nothing_are_refused():
+    with pytest.raises(ConfigError) as err:  # 10 canaries at 0.2: 4 guesses, and 0.5^4 > 0.05
+        from_dict(tiny_config(partition={"canaries": {"count": 10, "client": 0}}))
+    assert "can never exceed 0" in str(err.value) and "\n" not in str(err.value)
+    from_dict(tiny_config(partition={"canaries": {"count": 10, "client": 0}}, audit={"canary_guesses": 0.5}))
 
 
 # ------------------------------------------------------------------------------------ quickstart

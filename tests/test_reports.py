@@ -30,7 +30,8 @@ def pipeline_run(tmp_path_factory):
     """The one-call path: train, audit and report, with a hostile run name and figures on."""
     cfg = from_dict(tiny_config(name=HOSTILE, audit=AUDIT, report=True,
                                 metrics={"figures": True},
-                                partition={"outliers": {"count": 8, "client": 0, "holdout": 8}}))
+                                partition={"outliers": {"count": 8, "client": 0, "holdout": 8},
+                                           "canaries": {"count": 20, "client": 1}}))
     return run_pipeline(cfg, out=tmp_path_factory.mktemp("pipeline") / "run", quiet=True).path
 
 
@@ -131,6 +132,48 @@ def test_both_outlier_verdicts_are_shown_as_the_audit_wrote_them(pipeline_run, t
     assert "mapped to typical: <b>cannot judge</b>" in _summary_row(html)
     assert f"<b>cannot judge</b>: {escape(o['typical_mapping']['reason'])}." in html
     assert "maps only 0.000 of the decoder" in o["typical_mapping"]["reason"]
+
+
+def test_what_the_audit_could_have_seen_is_stated_beside_every_bound(pipeline_run, tmp_path):
+    audit = json.loads((pipeline_run / "audit.json").read_text())
+    html = (pipeline_run / "report.html").read_text()
+    s, c = audit["sensitivity"], audit["canaries"]
+    g = s["membership_game"]
+    assert (f"<b>What this audit could have seen:</b> a membership AUC outside 0.5 &plusmn; "
+            f"{g['auc_half_width']:.3f} ({g['n_members']} members and {g['n_nonmembers']} non-members pooled, "
+            "95%") in html
+    assert f"a canary lower bound up to &epsilon; = {c['epsilon_ceiling']:.3f} (20 canaries, 8 guesses" in html
+    assert f"a membership-game estimate up to &epsilon; = {s['membership_estimate_ceiling']:.3f}." in html
+    row = _summary_row(html)
+    assert f"&ge; {c['epsilon_lb']:.3f}" in row
+    assert f"the most this audit could have shown: {c['epsilon_ceiling']:.3f}" in row
+    assert f"the most this audit could have shown: {audit['empirical_epsilon_ceiling']:.3f}" in row
+    assert f"chance band 0.5 &plusmn; {g['auc_half_width']:.3f}" in row
+    assert (f"the most this audit could have shown (all 8 guesses right): {c['epsilon_ceiling']:.3f}") in html
+    for res in audit["empirical_epsilon_detail"]["per_attack"].values():
+        assert f"{res['epsilon_lb']:.3f} ({res['epsilon_ceiling']:.3f})" in html
+    # an audit without canaries says that no proven bound was possible
+    copy = tmp_path / "run"
+    shutil.copytree(pipeline_run, copy)
+    from attacks.sensitivity import audit_sensitivity
+    audit.update(canaries=None, empirical_epsilon_proven=None, empirical_epsilon_proven_ceiling=None,
+                 sensitivity=audit_sensitivity(audit["mia"], audit["empirical_epsilon_detail"], None, 0.05))
+    (copy / "audit.json").write_text(json.dumps(audit))
+    assert main(["report", str(copy), "-o", str(tmp_path / "none.html")]) == 0
+    html = (tmp_path / "none.html").read_text()
+    assert "no proven bound: no canaries were inserted (partition.canaries.count: 0)" in html
+    assert "no canaries: no proven bound" in _summary_row(html)
+    # an audit written before sensitivity was recorded renders and says so
+    for key in ("sensitivity", "empirical_epsilon_ceiling", "empirical_epsilon_proven_ceiling"):
+        del audit[key]
+    for res in audit["empirical_epsilon_detail"]["per_attack"].values():
+        del res["epsilon_ceiling"]
+    audit["format"] = "alignfl-audit/2"
+    (copy / "audit.json").write_text(json.dumps(audit))
+    assert main(["report", str(copy), "-o", str(tmp_path / "old.html")]) == 0
+    html = (tmp_path / "old.html").read_text()
+    assert "What this audit could have seen was not recorded: it was audited by an earlier version" in html
+    assert "the most this audit could have shown" not in _summary_row(html)
 
 
 def test_an_audit_with_the_earlier_single_verdict_is_rendered_and_said_to_be_old(pipeline_run, tmp_path):

@@ -130,9 +130,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores/jobs threads)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: cores/jobs)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files (default: results/)")
+    parser.add_argument("--no-canaries", action="store_true",
+                        help="insert no canaries (the protocol of the results recorded before canaries were on)")
     args = parser.parse_args()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    plan = [(f"{ds}-{system}-seed{seed}", SYSTEMS[system][0].format(ds=ds), SYSTEMS[system][1], seed)
+    extra = ["partition.canaries.count=0"] if args.no_canaries else []
+    plan = [(f"{ds}-{system}-seed{seed}", SYSTEMS[system][0].format(ds=ds), SYSTEMS[system][1] + extra, seed)
             for ds in args.datasets for seed in args.seeds for system in args.systems]
     with ThreadPoolExecutor(args.jobs) as pool:
         for line in pool.map(lambda p: run_one(*p, args.data_root, threads, args.results), plan):

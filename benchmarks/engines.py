@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="runs per quickstart and tiny measurement")
     parser.add_argument("--paper-repeats", type=int, default=1, help="runs per engine of one paper-mnist round")
+    parser.add_argument("--parts", choices=["all", "before-after", "engines", "fixed-costs"], default="all",
+                        help="measure only this part (merged into the existing results file)")
     parser.add_argument("--paper-before-after", action="store_true",
                         help="also time one paper-mnist round at the reference commit and here")
     args = parser.parse_args()
@@ -88,9 +90,22 @@ def main() -> None:
     quick_before, paper_before = Path(before) / "configs" / "quickstart.yaml", Path(before) / "configs" / "paper-mnist.yaml"
     one_round = ["training.rounds=1"]
     t = args.threads
-    out: dict = {"threads": t, "repeats": args.repeats, "reference_commit": ref, "commit": head,
-                 "machine": f"{os.cpu_count()} cores"}
+    out: dict = json.loads(RESULTS.read_text()) if args.parts != "all" and RESULTS.is_file() else {}
+    out.update({"threads": t, "repeats": args.repeats, "reference_commit": ref, "commit": head,
+                "machine": f"{os.cpu_count()} cores"})
 
+    if args.parts in ("all", "before-after"):
+        before_after(args, out, before, quick, quick_before, paper, paper_before, one_round, t)
+    if args.parts in ("all", "engines"):
+        each_engine(args, out, quick, paper, one_round, t)
+    if args.parts in ("all", "fixed-costs"):
+        fixed_costs(args, out, t)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+def before_after(args, out, before, quick, quick_before, paper, paper_before, one_round, t) -> None:
     # 1. in-process before/after, interleaved (the quickstart's training; --paper-before-after adds one
     #    paper-mnist round)
     pairs = [("quick", quick_before, quick, [], None)]
@@ -109,6 +124,9 @@ def main() -> None:
         b, a = out["inprocess_before_after"][f"{name}_before"], out["inprocess_before_after"][f"{name}_after"]
         out["inprocess_before_after"][f"{name}_ratio_after_over_before"] = round(a["median_train"] / b["median_train"], 3)
 
+
+
+def each_engine(args, out, quick, paper, one_round, t) -> None:
     # 2. each engine on the same work
     engines: dict[str, dict] = {}
     for label, config, sets, root in (("quickstart", quick, [], None), ("paper-mnist-1-round", paper, one_round,
@@ -122,10 +140,15 @@ def main() -> None:
             print(label, engine, engines[f"{label}/{engine}"], flush=True)
     out["engines"] = engines
 
-    # 3. Flower's fixed costs
+
+
+def fixed_costs(args, out, t) -> None:
+    # 3. Flower's fixed costs (after one discarded run: the first run of a config trains and caches the
+    #    metrics' domain CNN)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tiny.yaml"
         path.write_text(yaml.safe_dump(TINY))
+        run(path, [], t, None)
         walls = {}
         for engine in ("inprocess", "flower"):
             for rounds in (1, 3):
@@ -135,9 +158,6 @@ def main() -> None:
     out["flower_fixed_costs"] = {"tiny_walls": {f"{e}/{r}": w for (e, r), w in walls.items()},
                                  "per_round_overhead_seconds": round(per_round, 2),
                                  "startup_seconds": round(walls["flower", 1] - walls["inprocess", 1] - per_round, 2)}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ def main() -> None:
 def before_after(args, out, before, quick, quick_before, paper, paper_before, one_round, t) -> None:
     # 1. in-process before/after, interleaved (the quickstart's training; --paper-before-after adds one
     #    paper-mnist round)
+    #    The reference predates canaries, so the "after" runs insert none: both sides do the same work.
+    same_work = ["partition.canaries.count=0"]
     pairs = [("quick", quick_before, quick, [], None)]
     if args.paper_before_after:
         pairs.append(("paper1", paper_before, paper, one_round, args.data_root))
@@ -115,7 +117,7 @@ def before_after(args, out, before, quick, quick_before, paper, paper_before, on
     for _ in range(args.repeats):
         for name, cfg_before, cfg_after, sets, root in pairs:
             series.setdefault(f"{name}_before", []).append(run(cfg_before, sets, t, root, before))
-            series.setdefault(f"{name}_after", []).append(run(cfg_after, sets, t, root))
+            series.setdefault(f"{name}_after", []).append(run(cfg_after, sets + same_work, t, root))
         print(json.dumps({k: v[-1]["train"] for k, v in series.items()}), flush=True)
     out["inprocess_before_after"] = {
         k: {"train_seconds": [r["train"] for r in v], "median_train": median([r["train"] for r in v]),

@@ -242,6 +242,24 @@ def _empirical_epsilon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _canary_bound(args: argparse.Namespace) -> int:
+    import json
+
+    from attacks.empirical_epsilon import one_run_bound
+    from federation.errors import ConfigError
+
+    if not 0 < args.alpha < 1:
+        raise ConfigError(f"--alpha must be in (0, 1), got {args.alpha:g}")
+    res = one_run_bound(args.canaries, args.guesses, args.correct, args.delta, beta=args.alpha)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"one-run epsilon >= {res['epsilon_lb']:.4f} at delta = {res['delta']:g}, {1 - res['beta']:.0%} confidence "
+          f"(Steinke, Nasr, Jagielski 2023): {res['v']} of {res['r']} guesses right on {res['m']} canaries; the most "
+          f"these counts could have shown (all {res['r']} right): {res['epsilon_ceiling']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -256,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  alignfl-audit sweep configs/sweep-dp-vs-lcd.yaml\n"
                "  alignfl-audit audit RUN_DIR                                attack a finished run's shared decoders\n"
                "  alignfl-audit empirical-epsilon --member-scores IN.npy --nonmember-scores OUT.npy --delta 1e-5\n"
+               "  alignfl-audit canary-bound --canaries 200 --guesses 80 --correct 80 --delta 1e-5\n"
                "'alignfl-audit COMMAND --help' describes each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
@@ -358,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     emp.add_argument("--seed", type=int, default=0, help="seed of the selection/evaluation split (default 0)")
     emp.add_argument("--json", action="store_true", help="print JSON")
     emp.set_defaults(func=_empirical_epsilon)
+
+    cb = sub.add_parser(
+        "canary-bound", help="the one-run canary lower bound on epsilon from its counts, to check a report by hand",
+        description="The one-run lower bound on epsilon (Steinke, Nasr, Jagielski 2023) that the audit reports for "
+                    "its canaries, from the counts alone: M canaries, each included with probability 1/2, R guesses "
+                    "(in for the highest scores, out for the lowest), V of them right. Prints the bound at confidence "
+                    "1 - A and the most these counts could have shown (all R guesses right).")
+    cb.add_argument("--canaries", type=int, required=True, metavar="M", help="number of canaries m (>= 2)")
+    cb.add_argument("--guesses", type=int, required=True, metavar="R", help="guesses made, r (1 <= r <= m)")
+    cb.add_argument("--correct", type=int, required=True, metavar="V", help="correct guesses, v (0 <= v <= r)")
+    cb.add_argument("--delta", type=float, required=True, metavar="D")
+    cb.add_argument("--alpha", type=float, default=0.05, metavar="A", help="1 - confidence (default 0.05)")
+    cb.add_argument("--json", action="store_true", help="print JSON")
+    cb.set_defaults(func=_canary_bound)
     return parser
 
 

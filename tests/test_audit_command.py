@@ -109,6 +109,11 @@ def test_what_the_audit_could_have_seen_is_recorded_and_printed(audited, capsys)
     assert (f"canary lower bound epsilon>={c['epsilon_lb']:.3f} (the most this audit could have shown: "
             f"{c['epsilon_ceiling']:.3f}; 20 canaries, 8 guesses)") in line
     assert f"(the most this audit could have shown: {audit['empirical_epsilon_ceiling']:.3f}; not a proof" in line
+    # a reviewer checks the canary figure by hand from its counts alone
+    assert main(["canary-bound", "--canaries", str(c["m"]), "--guesses", str(c["r"]), "--correct", str(c["v"]),
+                 "--delta", repr(c["delta"]), "--alpha", repr(c["beta"]), "--json"]) == 0
+    by_hand = json.loads(capsys.readouterr().out)
+    assert (by_hand["epsilon_lb"], by_hand["epsilon_ceiling"]) == (c["epsilon_lb"], c["epsilon_ceiling"])
 
 
 def test_the_membership_game_is_class_matched_and_its_counts_are_recorded(audited):

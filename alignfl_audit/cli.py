@@ -113,12 +113,15 @@ def _epsilon(args: argparse.Namespace) -> int:
 
 def _print_accounting(res: dict, delta: float) -> None:
     for name, r in res["accountants"].items():
-        value = f"{r['epsilon']:.4f}" if r["epsilon"] is not None else f"failed ({r['error']})"
+        value = (f"{r['epsilon']:.4f}" if r["epsilon"] is not None else r["error"]
+                 if r["error"].startswith("not computed") else f"failed ({r['error']})")
         print(f"  {name:<18} epsilon = {value}")
     h = res["headline"]
     print(f"  headline: epsilon = {h['epsilon']:.4f} at delta = {delta:g} ({h['accountant']}, the tightest valid)")
     for flag in res["flags"]:
         print(f"  WARNING: {flag}")
+    for note in res.get("notes", []):
+        print(f"  note: {note}")
 
 
 def _inspect_upload(args: argparse.Namespace) -> int:

@@ -11,14 +11,18 @@ fewer examples and a narrower range (sigma >= 0.8, q <= 0.05, steps <= 1000, i.e
 """
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 from opacus.accountants import create_accountant
+from scipy import optimize, special
 
 from alignfl_audit import accounting
 from alignfl_audit.accounting import ACCOUNTANTS, PRV_EPS_ERROR, epsilons, ledger_epsilons
+from alignfl_audit.cli import main
 from federation.errors import ConfigError
 from federation.privacy.budget import EPSILON_TOLERANCE, calibrate_noise, check_adaptive, spent_epsilon
 from federation.privacy.ledger import DPEvent, PrivacyLedger
@@ -36,7 +40,8 @@ def tol(name: str, eps: float) -> float:
 
 def single(name: str, sigma: float, q: float, steps: int) -> float:
     with accounting._quiet():
-        return accounting._FUNCS[name]([(sigma, q, steps)], DELTA)
+        out = accounting._FUNCS[name]([(sigma, q, steps)], DELTA)
+    return out[0] if isinstance(out, tuple) else out  # PLD: (epsilon, note on its grid)
 
 
 @st.composite
@@ -268,3 +273,95 @@ def test_adaptive_clipping_needs_sigma_below_twice_the_count_noise():
     check_adaptive(spec, 3.99, 2.0)  # allowed
     fixed = PrivacySpec(mechanism="dp-sgd", noise_multiplier=5.0, clipping="fixed").validate()
     check_adaptive(fixed, 5.0, 2.0)  # the rule only binds adaptive clipping
+
+
+# ------------------------------------------------------------------ resources: every call finishes, PLD stays an upper bound
+@pytest.mark.parametrize("q, sigma, steps", [(0.5, 0.3, 10_000), (1.0, 0.3, 1000), (0.01, 0.3, 100_000)])
+def test_accounting_never_hangs_or_runs_out_of_memory(q, sigma, steps, capsys):
+    """Settings that once took gigabytes or minutes through the epsilon command (and the same code at the end of
+    a run): each finishes well within 30 s. PRV is skipped by its grid bound and says why, PLD runs on a coarser
+    grid and says which, and the headline is still an accountant's upper bound (the tightest that ran)."""
+    started = time.perf_counter()
+    assert main(["epsilon", "--sampling-rate", str(q), "--noise-multiplier", str(sigma), "--steps", str(steps),
+                 "--delta", "1e-5", "--json"]) == 0
+    elapsed = time.perf_counter() - started
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+    res = json.loads(capsys.readouterr().out)
+    acc = res["accountants"]
+    assert acc["opacus_prv"]["epsilon"] is None and acc["opacus_prv"]["error"].startswith("not computed: its grid")
+    assert any(n.startswith("dp_accounting_pld: grid ") and "still an upper bound" in n for n in res["notes"])
+    assert any("opacus_prv not computed" in n for n in res["notes"])
+    values = {k: v["epsilon"] for k, v in acc.items() if v["epsilon"] is not None}
+    assert set(values) == {"opacus_rdp", "dp_accounting_rdp", "dp_accounting_pld"}
+    assert all(math.isfinite(v) and v > 0 for v in values.values())
+    assert res["headline"] == {"accountant": min(values, key=values.get), "epsilon": min(values.values())}
+
+
+def _gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon of the Gaussian mechanism with sensitivity / noise = mu at delta (Balle and Wang 2018):
+    delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2), solved for eps in log space."""
+    def excess(eps):
+        return math.exp(special.log_ndtr(-eps / mu + mu / 2)) - math.exp(eps + special.log_ndtr(-eps / mu - mu / 2)) \
+            - delta
+    return optimize.brentq(excess, 0.0, mu * mu + 50 * mu, xtol=1e-12, rtol=1e-14)
+
+
+@pytest.mark.parametrize("sigma, steps", [(0.3, 1000), (2.0, 50)])
+@pytest.mark.parametrize("points", [None, 2 ** 12])
+def test_a_coarser_pld_grid_is_still_an_upper_bound_on_the_exact_epsilon(sigma, steps, points, monkeypatch):
+    """q = 1: T Gaussian steps are one Gaussian mechanism with mu = sqrt(T) / sigma, whose epsilon is known
+    exactly. PLD on its default bounds and on a grid forced far coarser (2^12 points) never falls below it."""
+    if points:
+        monkeypatch.setattr(accounting, "PLD_POINTS", points)
+    exact = _gaussian_epsilon(math.sqrt(steps) / sigma, DELTA)
+    eps, note = accounting._dp_pld([(sigma, 1.0, steps)], DELTA)
+    assert eps >= exact * (1 - 1e-12), (eps, exact)
+    if points or sigma == 0.3:
+        assert note and note.startswith("grid ")
+        interval = float(note.split()[1])
+        assert eps <= exact + steps * interval  # pessimistic rounding costs at most one grid step per step
+    else:
+        assert note is None and eps == pytest.approx(exact, rel=1e-3)
+
+
+def test_a_coarser_subsampled_pld_stays_above_the_optimistic_estimate(monkeypatch):
+    """q < 1: dp-accounting's optimistic PLD (privacy buckets, rounding down) on the fine grid is below the true
+    epsilon; the pessimistic PLD on a grid forced coarse must stay above it."""
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+    sigma, q, steps = 2.0, 0.1, 500
+    optimistic = pld_lib.from_gaussian_mechanism(sigma, sampling_prob=q, pessimistic_estimate=False,
+                                                 use_connect_dots=False, value_discretization_interval=3e-4)
+    low = optimistic.self_compose(steps).get_epsilon_for_delta(DELTA)
+    fine, note = accounting._dp_pld([(sigma, q, steps)], DELTA)
+    monkeypatch.setattr(accounting, "PLD_POINTS", 2 ** 10)
+    coarse, coarse_note = accounting._dp_pld([(sigma, q, steps)], DELTA)
+    assert note is None and coarse_note.startswith("grid ")
+    assert low <= fine <= low * 1.02  # the two estimates bracket the true epsilon tightly
+    assert coarse >= low and coarse > fine
+
+
+def test_pld_agrees_with_dp_accountings_own_accountant():
+    from dp_accounting.pld import pld_privacy_accountant
+
+    history = [(1.0, 0.01, 1000)]
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=accounting.PLD_DISCRETIZATION)
+    acc.compose(accounting._event(history))
+    assert accounting._dp_pld(history, DELTA) == (pytest.approx(acc.get_epsilon(DELTA), rel=1e-9), None)
+
+
+def test_pld_and_prv_give_up_with_a_note_and_rdp_takes_over(monkeypatch):
+    monkeypatch.setattr(accounting, "PLD_SECONDS", 0.0)
+    monkeypatch.setattr(accounting, "PRV_POINTS", 1000)
+    res = epsilons([(1.0, 0.01, 1000)], DELTA)
+    assert res["accountants"]["dp_accounting_pld"] == {"epsilon": None, "error": "not computed: not finished within 0 s"}
+    assert res["accountants"]["opacus_prv"]["error"].startswith("not computed: its grid would need")
+    assert res["headline"]["accountant"] in RDP
+    assert res["notes"] == ["opacus_prv and dp_accounting_pld not computed (see its error): the headline is the "
+                            "tightest of dp_accounting_rdp, opacus_rdp"]
+
+
+def test_identical_mechanisms_compose_as_one():
+    """A ledger lists one event per round; the accountants get each distinct mechanism once, steps summed."""
+    assert accounting.merged_history([(1.2, 0.05, 20), (0.9, 0.1, 0), (1.2, 0.05, 30), (1.0, 0.05, 5)]) == [
+        (1.2, 0.05, 50), (1.0, 0.05, 5)]

@@ -1,52 +1,51 @@
-"""Epsilon from recorded DP events, by four independent accountants.
+"""Epsilon from recorded DP events: every accountant, under both neighbouring relations.
 
-Opacus RDP, Opacus PRV, dp-accounting RDP and dp-accounting PLD each turn a client's history of
-(noise multiplier, sampling rate, steps) into an epsilon at the given delta. All four are upper
-bounds on the true epsilon of the Poisson-subsampled Gaussian mechanism; the headline is the
-tightest one that succeeded. A PRV failure (it happens at large epsilon) is noted, not raised.
+Which neighbours. Every upload carries the client's record count n (it sets the sampling rate q = B/n,
+and the message declares it). Under add/remove adjacency a neighbouring dataset holds n - 1 or n + 1
+records, so a release of n tells the two apart with certainty: strictly, epsilon is unbounded. The relation
+consistent with releasing n is replace-one (the same n, one record swapped for another), so the headline is
+replace-one. Add/remove, with n treated as public as Opacus and most tools do, is reported beside it.
 
-Every call is bounded in time and memory. RDP costs next to nothing at any setting. PRV and PLD
-discretize the privacy loss on a grid whose size grows with epsilon (at sigma = 0.3 over 10^4 steps
-it would take gigabytes); their grid sizes are computed before anything is discretized:
-- PRV (Opacus): the grid Opacus would build at ``PRV_EPS_ERROR``; beyond ``PRV_POINTS`` points PRV is
-  not computed, and a note says so.
-- PLD (dp-accounting, pessimistic connect-the-dots): the grid starts at ``PLD_DISCRETIZATION`` and is
-  coarsened until one step's PLD has at most ``PLD_STEP_POINTS`` points and the composed PLD (its size
-  from dp-accounting's own truncation bounds) at most ``PLD_POINTS``. Pessimistic rounding on a coarser
-  grid still gives an upper bound, only a looser one; a note gives the grid used.
-When PRV or PLD is not computed, the headline falls back to the tightest RDP bound, with a note.
+Which accountant computes which relation (``alignfl_audit.accountants``), each an upper bound on the true
+epsilon of the Poisson-subsampled Gaussian mechanism:
+
+    add-remove   Opacus RDP, Opacus PRV, dp-accounting RDP, dp-accounting PLD
+    replace-one  dp-accounting PLD (its replace-one analysis of Poisson subsampling), and dp-accounting
+                 RDP turned into replace-one by group privacy (looser, always computable)
+
+Per relation the headline is the tightest that succeeded. An accountant that fails, or that its bound on
+time and memory stops, is noted, not raised; the headline then comes from the others (RDP at the least).
+
+The noise is calibrated to ``privacy.target_epsilon`` under add/remove (Opacus), so the replace-one
+headline lies above that target.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import time
 import warnings
 
 from absl import logging as absl_logging
-from dp_accounting.pld import common as pld_common
-from dp_accounting.pld import privacy_loss_distribution, privacy_loss_mechanism
-from dp_accounting import dp_event
-from dp_accounting.rdp import rdp_privacy_accountant
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
+from alignfl_audit import accountants
+from alignfl_audit.accountants import PRV_EPS_ERROR, ResourceLimit
 from federation.errors import ConfigError
 
-ACCOUNTANTS = ("opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_pld")
-PRV_EPS_ERROR = 0.01
-PRV_POINTS = 2 ** 21  # Opacus PRV's grid at most (a few seconds and ~0.5 GB at this size)
-PLD_DISCRETIZATION = 1e-4  # the finest PLD grid
-PLD_STEP_POINTS = 2 ** 17  # one step's PLD at most (each of its remove / add halves)
-PLD_POINTS = 2 ** 20  # a composed PLD at most: the length of the FFT that composes it
-PLD_PROBE_POINTS = 2 ** 12  # one step's PLD on the probe grid that measures the composition's width
-PLD_TAIL_MASS = 1e-15  # dp-accounting's truncation in self_compose, counted as infinite loss (pessimistic)
-PLD_SECONDS = 10.0  # a history of many different mechanisms: PLD gives up after this long, between two of them
-_PLD_ATTEMPTS = 3
+ACCOUNTANTS = ("opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_pld")  # add-remove
+REPLACE_ONE_ACCOUNTANTS = ("dp_accounting_pld", "dp_accounting_rdp_replace_one")
+RELATIONS = {"replace-one": REPLACE_ONE_ACCOUNTANTS, "add-remove": ACCOUNTANTS}  # the headline's first
+HEADLINE_RELATION = "replace-one"
+HEADLINE_REASON = ("replace-one: every upload carries the client's record count n, which an add/remove neighbour "
+                   "would change, so with n released add/remove epsilon is strictly unbounded; replace-one (same n, "
+                   "one record swapped) is the relation the release is consistent with. The add/remove value treats "
+                   "n as public (as Opacus does) and is given for comparison")
+LEGACY_RELATION = "add-remove"  # the only relation of privacy blocks written before both were reported
 
-
-class ResourceLimit(Exception):
-    """An accountant would exceed its bound on time and memory: not computed."""
+_FUNCS = {"opacus_rdp": accountants.opacus_rdp, "opacus_prv": accountants.opacus_prv,
+          "dp_accounting_rdp": accountants.dp_accounting_rdp, "dp_accounting_pld": accountants.dp_accounting_pld}
+_REPLACE_ONE_FUNCS = {"dp_accounting_pld": lambda h, d: accountants.dp_accounting_pld(h, d, "replace-one"),
+                      "dp_accounting_rdp_replace_one": accountants.dp_accounting_rdp_replace_one}
+_BY_RELATION = {"add-remove": _FUNCS, "replace-one": _REPLACE_ONE_FUNCS}
 
 
 def merged_history(history) -> list[tuple[float, float, int]]:
@@ -57,114 +56,6 @@ def merged_history(history) -> list[tuple[float, float, int]]:
         if n:
             steps[(sigma, q)] = steps.get((sigma, q), 0) + n
     return [(sigma, q, n) for (sigma, q), n in steps.items()]
-
-
-def _opacus_rdp(history, delta: float) -> float:
-    acc = RDPAccountant()
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
-
-
-def _opacus_prv(history, delta: float) -> float:
-    acc = PRVAccountant()
-    acc.history = list(history)
-    delta_error = delta / 1000  # Opacus's default, which get_epsilon uses below
-    domain = acc._get_domain(prvs=[PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history],
-                             num_self_compositions=[steps for _, _, steps in history], eps_error=PRV_EPS_ERROR,
-                             delta_error=delta_error)
-    if domain.size * len(history) > PRV_POINTS:  # one grid per distinct mechanism
-        raise ResourceLimit(f"its grid would need {domain.size:.3g} points"
-                            f"{f' for each of {len(history)} mechanisms' if len(history) > 1 else ''} "
-                            f"(limit {PRV_POINTS})")
-    return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR, delta_error=delta_error))
-
-
-def _event(history) -> dp_event.DpEvent:
-    return dp_event.ComposedDpEvent([
-        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
-        for sigma, q, steps in history])
-
-
-def _dp_rdp(history, delta: float) -> float:
-    acc = rdp_privacy_accountant.RdpAccountant()
-    acc.compose(_event(history))
-    return float(acc.get_epsilon(delta))
-
-
-_ADJACENCY = {"add-remove": (privacy_loss_mechanism.AdjacencyType.REMOVE, privacy_loss_mechanism.AdjacencyType.ADD)}
-_NEIGHBOURS = {"add-remove": privacy_loss_distribution.NeighborRel.ADD_OR_REMOVE_ONE}
-
-
-def _pld_loss_span(history, relation: str) -> float:
-    """The widest range of one step's privacy loss (dp-accounting's connect-the-dots bounds, computed before
-    anything is discretized)."""
-    span = 0.0
-    for sigma, q, _ in history:
-        for adjacency in _ADJACENCY[relation]:
-            b = privacy_loss_mechanism.GaussianPrivacyLoss(sigma, sampling_prob=q,
-                                                           adjacency_type=adjacency).connect_dots_bounds()
-            span = max(span, b.epsilon_upper - b.epsilon_lower)
-    return span
-
-
-def _pld_points(pld, steps: int) -> int:
-    """Points of ``pld.self_compose(steps)``: dp-accounting's own truncation bounds for it."""
-    halves = [pld._pmf_remove] if pld._symmetric else [pld._pmf_remove, pld._pmf_add]
-    dense = [h.to_dense_pmf() if hasattr(h, "to_dense_pmf") else h for h in halves]  # a few-point PLD is sparse
-    return max(hi - lo + 1 for lo, hi in (pld_common.compute_self_convolve_bounds(h._probs, steps, PLD_TAIL_MASS)
-                                          for h in dense))
-
-
-def _pld_build(history, relation: str, interval: float, deadline: float) -> tuple[list, int]:
-    """Each step's PLD on the grid, and the points the composition of all of them will take."""
-    plds = []
-    for sigma, q, steps in history:
-        _check_deadline(deadline)
-        plds.append((privacy_loss_distribution.from_gaussian_mechanism(
-            sigma, sampling_prob=q, value_discretization_interval=interval, pessimistic_estimate=True,
-            neighboring_relation=_NEIGHBOURS[relation]), steps))
-    return plds, sum(_pld_points(pld, steps) for pld, steps in plds)
-
-
-def _check_deadline(deadline: float) -> None:
-    if time.monotonic() > deadline:
-        raise ResourceLimit(f"not finished within {PLD_SECONDS:g} s")
-
-
-def _dp_pld(history, delta: float, relation: str = "add-remove") -> tuple[float, str | None]:
-    """dp-accounting's pessimistic PLD of the composition, on the finest grid within the resource bounds;
-    (epsilon, a note when the grid had to be coarser than PLD_DISCRETIZATION).
-
-    A probe on a coarse grid (PLD_PROBE_POINTS per step, cheap) measures how wide the composed privacy loss
-    is; the grid is then the finest that keeps every step within PLD_STEP_POINTS and the composition within
-    PLD_POINTS, and is checked again before the composition is computed."""
-    deadline = time.monotonic() + PLD_SECONDS
-    span = _pld_loss_span(history, relation)
-    interval = max(PLD_DISCRETIZATION, span / PLD_STEP_POINTS)
-    probe = max(interval, span / PLD_PROBE_POINTS)
-    interval = max(interval, _pld_build(history, relation, probe, deadline)[1] * probe / PLD_POINTS)
-    for _ in range(_PLD_ATTEMPTS):
-        plds, points = _pld_build(history, relation, interval, deadline)
-        if points <= PLD_POINTS:
-            break
-        interval *= 1.05 * points / PLD_POINTS
-    else:
-        raise ResourceLimit(f"its composition would need {points:.3g} points even on a grid of {interval:.3g} "
-                            f"(limit {PLD_POINTS})")
-    composed = None
-    for pld, steps in plds:
-        _check_deadline(deadline)
-        part = pld.self_compose(steps, tail_mass_truncation=PLD_TAIL_MASS)
-        composed = part if composed is None else composed.compose(part, tail_mass_truncation=PLD_TAIL_MASS)
-    note = None
-    if interval > PLD_DISCRETIZATION:
-        note = (f"grid {interval:.3g} instead of {PLD_DISCRETIZATION:g}, to stay within {PLD_POINTS} points "
-                "(pessimistic rounding: still an upper bound, a looser one)")
-    return float(composed.get_epsilon_for_delta(delta)), note
-
-
-_FUNCS = {"opacus_rdp": _opacus_rdp, "opacus_prv": _opacus_prv, "dp_accounting_rdp": _dp_rdp,
-          "dp_accounting_pld": _dp_pld}
 
 
 @contextlib.contextmanager
@@ -193,14 +84,18 @@ def check_history(history, delta: float) -> None:
             raise ConfigError(f"steps must be a non-negative integer, got {steps}")
 
 
-def epsilons(history: list[tuple[float, float, int]], delta: float) -> dict:
-    """{accountant: {"epsilon": float | None, "error": str | None}} plus "headline", "flags" and "notes"."""
+def epsilons(history: list[tuple[float, float, int]], delta: float, relation: str = "add-remove") -> dict:
+    """Under one relation: {accountant: {"epsilon": float | None, "error": str | None}} plus "headline",
+    "flags", "notes" and "relation"."""
     check_history(history, delta)
+    if relation not in RELATIONS:
+        raise ConfigError(f"relation must be one of {', '.join(RELATIONS)}, got {relation!r}")
     history = merged_history(history)
+    funcs = _BY_RELATION[relation]
     results: dict = {}
     notes: list[str] = []
     coarse: set[str] = set()
-    for name in ACCOUNTANTS:
+    for name in RELATIONS[relation]:
         if not history:
             results[name] = {"epsilon": 0.0, "error": None}
             continue
@@ -209,7 +104,7 @@ def epsilons(history: list[tuple[float, float, int]], delta: float) -> dict:
             continue
         try:
             with _quiet():
-                out = _FUNCS[name](history, delta)
+                out = funcs[name](history, delta)
             eps, note = out if isinstance(out, tuple) else (out, None)
             if not math.isfinite(eps) or eps < 0:
                 raise ValueError(f"returned {eps}")
@@ -223,14 +118,21 @@ def epsilons(history: list[tuple[float, float, int]], delta: float) -> dict:
             results[name] = {"epsilon": None, "error": f"{type(err).__name__}: {err}"}
     ok = {k: v["epsilon"] for k, v in results.items() if v["epsilon"] is not None}
     if not ok:
-        raise ConfigError("no accountant could compute epsilon for this history")
+        raise ConfigError(f"no accountant could compute epsilon for this history ({relation})")
     best = min(ok, key=ok.get)
-    missing = [k for k in ("opacus_prv", "dp_accounting_pld") if k not in ok]
+    missing = [k for k in results if k in ("opacus_prv", "dp_accounting_pld") and k not in ok]
     if missing:
         notes.append(f"{' and '.join(missing)} not computed (see its error): the headline is the tightest of "
                      f"{', '.join(sorted(ok))}")
-    return {"accountants": results, "headline": {"accountant": best, "epsilon": ok[best]},
+    return {"relation": relation, "accountants": results, "headline": {"accountant": best, "epsilon": ok[best]},
             "flags": _disagreements(ok, coarse), "notes": notes}
+
+
+def client_epsilons(history: list[tuple[float, float, int]], delta: float) -> dict:
+    """Both relations for one client's history, and the headline (``HEADLINE_RELATION``'s)."""
+    relations = {relation: epsilons(history, delta, relation) for relation in RELATIONS}
+    return {"headline": {"relation": HEADLINE_RELATION, **relations[HEADLINE_RELATION]["headline"]},
+            "relations": relations}
 
 
 def _disagreements(eps: dict, coarse: set[str] = frozenset()) -> list[str]:
@@ -238,8 +140,8 @@ def _disagreements(eps: dict, coarse: set[str] = frozenset()) -> list[str]:
 
     PRV (Opacus, eps_error) and PLD (pessimistic, discretization) are both near-exact: they must
     agree within PRV's eps_error plus 1% of epsilon for PLD's discretization. The two RDP
-    accountants use different order grids; they must agree within 5%. RDP's conversion is a
-    looser upper bound, so neither RDP value may fall below a near-exact one by more than the
+    accountants use different order grids; they must agree within 5%. An RDP bound (group privacy
+    included) is a looser upper bound, so none may fall below a near-exact one by more than the
     same tolerance. A PLD on a coarsened grid (``coarse``) is looser by design: it may exceed the
     others, and is flagged only when it falls below PRV."""
     flags = []
@@ -251,9 +153,10 @@ def _disagreements(eps: dict, coarse: set[str] = frozenset()) -> list[str]:
         prv, pld = tight["opacus_prv"], tight["dp_accounting_pld"]
         if pld < prv - tol or (abs(prv - pld) > tol and "dp_accounting_pld" not in coarse):
             flags.append(f"PRV ({prv:.4f}) and PLD ({pld:.4f}) differ by more than {tol:.4f}")
-    rdp = [eps[k] for k in ("opacus_rdp", "dp_accounting_rdp") if k in eps]
-    if len(rdp) == 2 and abs(rdp[0] - rdp[1]) > 0.05 * max(rdp):
-        flags.append(f"Opacus RDP ({rdp[0]:.4f}) and dp-accounting RDP ({rdp[1]:.4f}) differ by more than 5%")
+    pair = [eps[k] for k in ("opacus_rdp", "dp_accounting_rdp") if k in eps]
+    if len(pair) == 2 and abs(pair[0] - pair[1]) > 0.05 * max(pair):
+        flags.append(f"Opacus RDP ({pair[0]:.4f}) and dp-accounting RDP ({pair[1]:.4f}) differ by more than 5%")
+    rdp = [v for k, v in eps.items() if "rdp" in k]
     fine = [v for k, v in tight.items() if k not in coarse]
     if fine and rdp and min(rdp) < max(fine) - tol:
         flags.append(f"an RDP bound ({min(rdp):.4f}) is below a PRV/PLD bound ({max(fine):.4f})")
@@ -261,8 +164,9 @@ def _disagreements(eps: dict, coarse: set[str] = frozenset()) -> list[str]:
 
 
 def ledger_epsilons(ledger: dict) -> dict:
-    """Per-client results for a ledger (a ``PrivacyLedger.to_json()`` dict). Mechanisms without a
-    formal guarantee get no epsilon, only the reason."""
+    """Per-client results for a ledger (a ``PrivacyLedger.to_json()`` dict), both relations each, and the
+    run's headline (:func:`run_epsilon`). Mechanisms without a formal guarantee get no epsilon, only the
+    reason."""
     from federation.privacy.ledger import PrivacyLedger
 
     led = PrivacyLedger.from_json(ledger)
@@ -271,9 +175,30 @@ def ledger_epsilons(ledger: dict) -> dict:
     if not led.formal_guarantee:
         out["epsilon_withheld"] = led.note
         return out
+    out.update(relation=HEADLINE_RELATION, relation_reason=HEADLINE_REASON)
     for cid in led.client_ids():
         if str(cid) in led.unaccounted:  # some of its spend could not be read: no epsilon, never an under-count
             out.setdefault("unaccounted", {})[str(cid)] = led.unaccounted[str(cid)]
             continue
-        out["clients"][str(cid)] = epsilons(led.history(cid), led.delta)
+        out["clients"][str(cid)] = client_epsilons(led.history(cid), led.delta)
+    out["headline"] = run_epsilon(out)
     return out
+
+
+def run_epsilon(privacy: dict) -> dict | None:
+    """The run's accountant epsilon from a privacy block (:func:`ledger_epsilons`' output, as metrics.json
+    records it): the largest per-client epsilon under the headline's relation and the client it belongs to,
+    and the largest under add/remove. None without a formal guarantee or without an accounted client.
+
+    The one place that picks the run's epsilon out of its clients. A block written before both relations
+    were reported holds add/remove only, and the result says so (``relation``)."""
+    clients = privacy.get("clients") or {}
+    if not privacy.get("formal_guarantee") or not clients:
+        return None
+    headline = {cid: c["headline"]["epsilon"] for cid, c in clients.items()}
+    add_remove = {cid: (c["relations"]["add-remove"]["headline"]["epsilon"] if "relations" in c
+                        else c["headline"]["epsilon"]) for cid, c in clients.items()}
+    top = max(headline, key=headline.get)
+    return {"relation": clients[top]["headline"].get("relation", LEGACY_RELATION), "epsilon": headline[top],
+            "client": top, "add_remove_epsilon": max(add_remove.values()), "delta": privacy.get("delta"),
+            "unaccounted_clients": sorted(privacy.get("unaccounted", {}))}

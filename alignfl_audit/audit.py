@@ -383,15 +383,20 @@ def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence) -> d
 
 
 def _accountant(run: RunDir) -> dict:
-    """The formal claim next to the empirical one: epsilon only where a real guarantee exists."""
-    from alignfl_audit.accounting import ledger_epsilons
+    """The formal claim next to the empirical one: epsilon only where a real guarantee exists, under the
+    headline relation (replace-one) and under add/remove."""
+    from alignfl_audit.accounting import HEADLINE_REASON, ledger_epsilons
 
     if not run.file(layout.LEDGER).is_file():
         return {"formal_guarantee": False, "epsilon": None, "note": "no privacy ledger in the run"}
     block = ledger_epsilons(run.read_json(layout.LEDGER))
     if not block["formal_guarantee"]:
         return {"formal_guarantee": False, "epsilon": None, "mechanism": block["mechanism"], "note": block["note"]}
-    per_client = {cid: r["headline"]["epsilon"] for cid, r in block["clients"].items()}
+    top = block["headline"] or {}
     return {"formal_guarantee": True, "mechanism": block["mechanism"], "delta": block["delta"],
-            "epsilon": max(per_client.values()) if per_client else None, "per_client": per_client,
+            "relation": block["relation"], "relation_reason": HEADLINE_REASON, "epsilon": top.get("epsilon"),
+            "epsilon_add_remove": top.get("add_remove_epsilon"),
+            "per_client": {cid: r["headline"]["epsilon"] for cid, r in block["clients"].items()},
+            "per_client_add_remove": {cid: r["relations"]["add-remove"]["headline"]["epsilon"]
+                                      for cid, r in block["clients"].items()},
             "note": block["note"]}

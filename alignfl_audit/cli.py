@@ -78,7 +78,7 @@ def _finish(cfg, run) -> int:
 def _epsilon(args: argparse.Namespace) -> int:
     import json
 
-    from alignfl_audit.accounting import epsilons, ledger_epsilons
+    from alignfl_audit.accounting import HEADLINE_REASON, client_epsilons, ledger_epsilons
     from federation.errors import ConfigError
 
     if args.ledger:
@@ -94,12 +94,14 @@ def _epsilon(args: argparse.Namespace) -> int:
                                   ("--steps", args.steps), ("--delta", args.delta)) if v is None]
         if missing:
             raise ConfigError(f"epsilon needs --ledger RUN_DIR, or all of {', '.join(missing)}")
-        result = epsilons([(args.noise_multiplier, args.sampling_rate, args.steps)], args.delta)
+        result = {**client_epsilons([(args.noise_multiplier, args.sampling_rate, args.steps)], args.delta),
+                  "relation_reason": HEADLINE_REASON}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    if "accountants" in result:
+    if "relations" in result:
         _print_accounting(result, args.delta)
+        print(f"  why {result['relation_reason']}")
         return 0
     print(f"mechanism: {result['mechanism']}; formal guarantee: {'yes' if result['formal_guarantee'] else 'NO'}")
     if not result["formal_guarantee"]:
@@ -108,20 +110,27 @@ def _epsilon(args: argparse.Namespace) -> int:
     for cid, res in result["clients"].items():
         print(f"client {cid}:")
         _print_accounting(res, result["delta"])
+    print(f"why {result['relation_reason']}")
     return 0
 
 
 def _print_accounting(res: dict, delta: float) -> None:
-    for name, r in res["accountants"].items():
-        value = (f"{r['epsilon']:.4f}" if r["epsilon"] is not None else r["error"]
-                 if r["error"].startswith("not computed") else f"failed ({r['error']})")
-        print(f"  {name:<18} epsilon = {value}")
+    """One client's epsilon under each relation (each accountant, the tightest, flags and notes), then the
+    headline."""
+    for relation, rel in res["relations"].items():
+        print(f"  {relation}{' (the headline relation)' if relation == res['headline']['relation'] else ''}:")
+        for name, r in rel["accountants"].items():
+            value = (f"{r['epsilon']:.4f}" if r["epsilon"] is not None else r["error"]
+                     if r["error"].startswith("not computed") else f"failed ({r['error']})")
+            print(f"    {name:<30} epsilon = {value}")
+        print(f"    tightest: epsilon = {rel['headline']['epsilon']:.4f} ({rel['headline']['accountant']})")
+        for flag in rel["flags"]:
+            print(f"    WARNING: {flag}")
+        for note in rel["notes"]:
+            print(f"    note: {note}")
     h = res["headline"]
-    print(f"  headline: epsilon = {h['epsilon']:.4f} at delta = {delta:g} ({h['accountant']}, the tightest valid)")
-    for flag in res["flags"]:
-        print(f"  WARNING: {flag}")
-    for note in res.get("notes", []):
-        print(f"  note: {note}")
+    print(f"  headline: epsilon = {h['epsilon']:.4f} at delta = {delta:g} ({h['relation']}, {h['accountant']}, "
+          f"the tightest valid)")
 
 
 def _inspect_upload(args: argparse.Namespace) -> int:
@@ -188,7 +197,10 @@ def _print_audit(path) -> None:
         outl += (f", outlier memorisation: {o['memorisation']['verdict']}, outliers mapped to typical points: "
                  f"{o['typical_mapping']['verdict']}")
     acc = audit["accountant"]
-    formal = f"accountant epsilon={acc['epsilon']:.3f}" if acc["formal_guarantee"] else "no formal guarantee"
+    formal = "no formal guarantee"
+    if acc["formal_guarantee"]:
+        formal = f"accountant epsilon={acc['epsilon']:.3f} ({acc.get('relation', 'add-remove')}"
+        formal += f"; add/remove {acc['epsilon_add_remove']:.3f})" if acc.get("epsilon_add_remove") else ")"
     c = audit.get("canaries") or {}
     canary = f"canaries: {c['note']}, " if c.get("note") else "no canaries: no proven bound, "
     if c.get("epsilon_lb") is not None:
@@ -303,9 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     eps = sub.add_parser(
         "epsilon", help="epsilon from every accountant, for given DP-SGD parameters or a run's ledger",
-        description="Compute epsilon with Opacus RDP, Opacus PRV, dp-accounting RDP and dp-accounting PLD, "
-                    "either for one Poisson-subsampled Gaussian mechanism (--sampling-rate, --noise-multiplier, "
-                    "--steps, --delta) or per client from a run's privacy_ledger.json (--ledger RUN_DIR).")
+        description="Compute epsilon under both neighbouring relations, either for one Poisson-subsampled "
+                    "Gaussian mechanism (--sampling-rate, --noise-multiplier, --steps, --delta) or per client from "
+                    "a run's privacy_ledger.json (--ledger RUN_DIR). Replace-one, the headline (each upload "
+                    "releases the client's record count): dp-accounting PLD, and dp-accounting RDP through group "
+                    "privacy. Add/remove (the record count treated as public): Opacus RDP, Opacus PRV, "
+                    "dp-accounting RDP and dp-accounting PLD.")
     eps.add_argument("--ledger", metavar="RUN_DIR", help="a run directory holding privacy_ledger.json")
     eps.add_argument("--sampling-rate", type=float, metavar="Q")
     eps.add_argument("--noise-multiplier", type=float, metavar="SIGMA")

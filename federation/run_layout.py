@@ -31,7 +31,10 @@ PARTITION_FORMAT = "alignfl-partition/2"
 LEDGER = "privacy_ledger.json"
 LEDGER_FORMAT = "alignfl-ledger/2"
 METRICS = "metrics.json"
-METRICS_FORMAT = "alignfl-metrics/2"
+# metrics.json: /3 reports each client's epsilon under both neighbouring relations (privacy.clients.K.relations)
+# with the headline's relation named (replace-one), and the run's headline (privacy.headline); /2 and earlier
+# hold add/remove only and still read (alignfl_audit.accounting.run_epsilon)
+METRICS_FORMAT = "alignfl-metrics/3"
 ROUNDS = "rounds.csv"
 STATUS = "status.json"
 LOG = "run.log"

@@ -46,7 +46,7 @@ def frontier(runs: list[RunEvidence]) -> str:
         label = run.label + (f" ({'; '.join(where)})" if where else "")
         handles.append(plt.Line2D([], [], marker="o", ls="", color=color, label=label))
     left.set_xscale("log")
-    left.set_xlabel("accountant epsilon (log scale)")
+    left.set_xlabel("accountant epsilon, headline relation (log scale)")
     left.set_ylabel("probe accuracy")
     left.set_title("utility vs formal privacy")
     if not left.collections:

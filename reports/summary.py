@@ -4,12 +4,29 @@ from __future__ import annotations
 from reports.evidence import RunEvidence
 
 
+def run_privacy(privacy: dict) -> dict | None:
+    """The run's accountant epsilon as metrics.json records it (privacy.headline), or, for a run written
+    before it was recorded, as the audit's accounting picks it (the same function)."""
+    if "headline" in privacy:
+        return privacy["headline"]
+    from alignfl_audit.accounting import run_epsilon
+
+    return run_epsilon(privacy)
+
+
 def headline_epsilon(privacy: dict) -> float | None:
-    """The largest per-client accountant epsilon, only for a formal guarantee."""
-    if not privacy.get("formal_guarantee"):
-        return None
-    values = [c["headline"]["epsilon"] for c in privacy.get("clients", {}).values()]
-    return max(values) if values else None
+    """The largest per-client accountant epsilon under the headline relation, only for a formal guarantee."""
+    top = run_privacy(privacy)
+    return top["epsilon"] if top else None
+
+
+def _client_epsilons(clients: dict) -> list[tuple[str, float, float | None]]:
+    """(client, headline epsilon, add/remove epsilon or None where only one relation was recorded), the
+    largest headline first."""
+    rows = [(cid, c["headline"]["epsilon"],
+             c["relations"]["add-remove"]["headline"]["epsilon"] if "relations" in c else None)
+            for cid, c in clients.items()]
+    return sorted(rows, key=lambda row: -row[1])
 
 
 def best_attack(audit: dict | None) -> dict | None:
@@ -28,7 +45,6 @@ def verdict_row(run: RunEvidence) -> dict:
     privacy = run.metrics.get("privacy", {})
     formal = bool(privacy.get("formal_guarantee"))
     clients = privacy.get("clients", {}) if formal else {}
-    per_client = sorted(((cid, c["headline"]["epsilon"]) for cid, c in clients.items()), key=lambda kv: -kv[1])
     audit = run.audit
     outliers = (audit or {}).get("outliers") or None
     lipschitz = (audit or {}).get("lipschitz") or {}
@@ -38,7 +54,8 @@ def verdict_row(run: RunEvidence) -> dict:
         "formal": formal,
         "guarantee_note": privacy.get("note") or privacy.get("epsilon_withheld") or "",
         "delta": privacy.get("delta") if formal else None,
-        "epsilon_per_client": per_client,  # headline (largest) first
+        "epsilon_per_client": _client_epsilons(clients),  # headline (largest) first
+        "epsilon_relation": (run_privacy(privacy) or {}).get("relation"),
         "extra_artifacts": privacy.get("extra_artifacts", {}),
         "audited": audit is not None,
         "shares_decoders": shares_decoders(run),

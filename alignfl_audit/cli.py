@@ -188,29 +188,30 @@ def _audit(args: argparse.Namespace) -> int:
 def _print_audit(path) -> None:
     import json
 
-    audit = json.loads(path.read_text())
-    best = max(audit["mia"].items(), key=lambda kv: kv[1]["auc"])
-    o = audit["outliers"]
-    outl = (f", outliers reconstructed {o['reconstruction_rate']:.3f} vs controls {o['control_rate']:.3f}"
-            if o and o.get("control_rate") is not None else "")
+    from alignfl_audit.audit_summary import read_summary
+
+    s = read_summary(json.loads(path.read_text()))
+    best, game, o, acc, c = s["best_attack"], s["chance_band"], s["outliers"], s["accountant"], s["canary"]
+    outl = ""
     if o:
-        outl += (f", outlier memorisation: {o['memorisation']['verdict']}, outliers mapped to typical points: "
-                 f"{o['typical_mapping']['verdict']}")
-    acc = audit["accountant"]
+        if o["control_rate"] is not None:
+            outl = f", outliers reconstructed {o['reconstruction_rate']:.3f} vs controls {o['control_rate']:.3f}"
+        outl += (f", outlier memorisation: {o['memorisation']}, outliers mapped to typical points: "
+                 f"{o['typical_mapping']}")
     formal = "no formal guarantee"
-    if acc["formal_guarantee"]:
-        formal = f"accountant epsilon={acc['epsilon']:.3f} ({acc.get('relation', 'add-remove')}"
-        formal += f"; add/remove {acc['epsilon_add_remove']:.3f})" if acc.get("epsilon_add_remove") else ")"
-    c = audit.get("canaries") or {}
-    canary = f"canaries: {c['note']}, " if c.get("note") else "no canaries: no proven bound, "
-    if c.get("epsilon_lb") is not None:
+    if acc["formal_guarantee"] and acc["epsilon"] is not None:
+        formal = (f"accountant epsilon={acc['epsilon']:.3f} ({acc['relation']}; add/remove "
+                  f"{acc['epsilon_add_remove']:.3f})")
+    canary = f"{s['canary_note']}, "
+    if c:
         canary = (f"canary lower bound epsilon>={c['epsilon_lb']:.3f} (the most this audit could have shown: "
                   f"{c['epsilon_ceiling']:.3f}; {c['m']} canaries, {c['r']} guesses), ")
-    game = audit["sensitivity"]["membership_game"]
-    print(f"{path}: best AUC {best[1]['auc']:.3f} ({best[0]}; chance band 0.5 +- {game['auc_half_width']:.3f} at "
+    warning = ("; WARNING: the canary bound exceeds the accountant's add/remove epsilon: the DP implementation or "
+               "its accounting is wrong" if s["canary_above_accountant"] else "")
+    print(f"{path}: best AUC {best['auc']:.3f} ({best['name']}; chance band 0.5 +- {game['auc_half_width']:.3f} at "
           f"{game['n_members']} members and {game['n_nonmembers']} non-members), {canary}membership-game epsilon "
-          f"estimate {audit['empirical_epsilon']:.3f} (the most this audit could have shown: "
-          f"{audit['empirical_epsilon_ceiling']:.3f}; not a proof; {formal}){outl}")
+          f"estimate {s['estimate']['epsilon']:.3f} (the most this audit could have shown: "
+          f"{s['estimate']['ceiling']:.3f}; not a proof; {formal}){outl}{warning}")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -238,40 +239,38 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _empirical_epsilon(args: argparse.Namespace) -> int:
-    import json
-
     from attacks.empirical_epsilon import clopper_pearson_epsilon, load_scores
 
     res = clopper_pearson_epsilon(load_scores(args.member_scores, "member scores"),
                                   load_scores(args.nonmember_scores, "non-member scores"),
                                   args.delta, alpha=args.alpha, selection=args.selection, seed=args.seed)
-    if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
-    print(f"empirical epsilon >= {res['epsilon_lb']:.4f} at delta = {res['delta']:g}, "
-          f"{1 - res['alpha']:.0%} confidence (Clopper-Pearson, {res['selection']} threshold selection); "
-          f"the most these counts could have shown: {res['epsilon_ceiling']:.4f}")
-    print(f"  threshold {res['threshold']:.6g}: FPR {res['fpr']:.4f} (upper {res['fpr_ub']:.4f}), "
-          f"FNR {res['fnr']:.4f} (upper {res['fnr_ub']:.4f}) on the held-out half: "
-          f"{res['n_members_eval']} members, {res['n_nonmembers_eval']} non-members")
-    return 0
+    return _result(args, res, [
+        f"empirical epsilon >= {res['epsilon_lb']:.4f} at delta = {res['delta']:g}, "
+        f"{1 - res['alpha']:.0%} confidence (Clopper-Pearson, {res['selection']} threshold selection); "
+        f"the most these counts could have shown: {res['epsilon_ceiling']:.4f}",
+        f"  threshold {res['threshold']:.6g}: FPR {res['fpr']:.4f} (upper {res['fpr_ub']:.4f}), "
+        f"FNR {res['fnr']:.4f} (upper {res['fnr_ub']:.4f}) on the held-out half: "
+        f"{res['n_members_eval']} members, {res['n_nonmembers_eval']} non-members"])
 
 
 def _canary_bound(args: argparse.Namespace) -> int:
-    import json
-
     from attacks.empirical_epsilon import one_run_bound
     from federation.errors import ConfigError
 
     if not 0 < args.alpha < 1:
         raise ConfigError(f"--alpha must be in (0, 1), got {args.alpha:g}")
     res = one_run_bound(args.canaries, args.guesses, args.correct, args.delta, beta=args.alpha)
-    if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
-    print(f"one-run epsilon >= {res['epsilon_lb']:.4f} at delta = {res['delta']:g}, {1 - res['beta']:.0%} confidence "
-          f"(Steinke, Nasr, Jagielski 2023): {res['v']} of {res['r']} guesses right on {res['m']} canaries; the most "
-          f"these counts could have shown (all {res['r']} right): {res['epsilon_ceiling']:.4f}")
+    return _result(args, res, [
+        f"one-run epsilon >= {res['epsilon_lb']:.4f} at delta = {res['delta']:g}, {1 - res['beta']:.0%} confidence "
+        f"(Steinke, Nasr, Jagielski 2023): {res['v']} of {res['r']} guesses right on {res['m']} canaries; the most "
+        f"these counts could have shown (all {res['r']} right): {res['epsilon_ceiling']:.4f}"])
+
+
+def _result(args: argparse.Namespace, res: dict, lines: list[str]) -> int:
+    """A bound command's output: the result as JSON with --json, else its lines."""
+    import json
+
+    print(json.dumps(res, indent=2) if args.json else "\n".join(lines))
     return 0
 
 

@@ -29,11 +29,12 @@ def _client_epsilons(clients: dict) -> list[tuple[str, float, float | None]]:
     return sorted(rows, key=lambda row: -row[1])
 
 
-def best_attack(audit: dict | None) -> dict | None:
-    if not audit or not audit.get("mia"):
-        return None
-    name, m = max(audit["mia"].items(), key=lambda kv: kv[1]["auc"])
-    return {"name": name, **{k: m[k] for k in ("auc", "auc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci")}}
+def audit_summary(run: RunEvidence) -> dict | None:
+    """The audit's summary block (alignfl_audit.audit_summary: recorded, or for an older audit computed by the
+    same function); None for a run without an audit."""
+    from alignfl_audit.audit_summary import read_summary
+
+    return read_summary(run.audit) if run.audit else None
 
 
 def shares_decoders(run: RunEvidence) -> bool:
@@ -59,13 +60,7 @@ def verdict_row(run: RunEvidence) -> dict:
         "extra_artifacts": privacy.get("extra_artifacts", {}),
         "audited": audit is not None,
         "shares_decoders": shares_decoders(run),
-        "empirical_epsilon": audit.get("empirical_epsilon") if audit else None,
-        "empirical_epsilon_ceiling": audit.get("empirical_epsilon_ceiling") if audit else None,
-        "canary_epsilon": (audit.get("canaries") or {}).get("epsilon_lb") if audit else None,
-        "canary_ceiling": (audit.get("canaries") or {}).get("epsilon_ceiling") if audit else None,
-        "canary_delta": (audit.get("canaries") or {}).get("delta") if audit else None,
-        "sensitivity": audit.get("sensitivity") if audit else None,  # None: audited before it was recorded
-        "best_attack": best_attack(audit),
+        "summary": audit_summary(run),  # the audit's picks: best attack, bounds, verdicts (None: not audited)
         "outliers": outliers,
         "lipschitz": sorted((cid, b["lower"], b["upper"]) for cid, b in lipschitz.items()),
         "utility": run.metrics.get("utility", {}),

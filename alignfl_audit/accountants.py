@@ -22,12 +22,12 @@ before anything is discretized:
   (``ResourceLimit``).
 - PLD: the grid starts at ``PLD_DISCRETIZATION`` and is coarsened until one step's PLD has at most
   ``PLD_STEP_POINTS`` points and the composed PLD (its size from dp-accounting's own truncation bounds) at
-  most ``PLD_POINTS``. Pessimistic rounding on a coarser grid still gives an upper bound, only a looser
-  one; the function then returns a note with the grid used.
+  most ``PLD_POINTS``, for at most ``PLD_MECHANISMS`` different (sigma, q). Pessimistic rounding on a
+  coarser grid still gives an upper bound, only a looser one; the function then returns a note with the
+  grid used.
+The bounds are on sizes, not on a clock, so the same history always gives the same result.
 """
 from __future__ import annotations
-
-import time
 
 from dp_accounting import dp_event
 from dp_accounting.pld import common as pld_common
@@ -43,7 +43,7 @@ PLD_STEP_POINTS = 2 ** 16  # one step's PLD at most (each of its remove / add ha
 PLD_POINTS = 2 ** 20  # a composed PLD at most: the length of the FFT that composes it
 PLD_PROBE_POINTS = 2 ** 12  # one step's PLD on the probe grid that measures the composition's width
 PLD_TAIL_MASS = 1e-15  # dp-accounting's truncation in self_compose, counted as infinite loss (pessimistic)
-PLD_SECONDS = 10.0  # a history of many different mechanisms: PLD gives up after this long, between two of them
+PLD_MECHANISMS = 8  # distinct (sigma, q) at most: each is discretized on its own (a deterministic bound, not a clock)
 _PLD_ATTEMPTS = 3
 _GROUP_MIN_ORDER = 4  # Proposition 2 (c = 1) needs alpha >= 2^(c+1)
 
@@ -121,20 +121,12 @@ def _pld_points(pld, steps: int) -> int:
                                           for h in dense))
 
 
-def _pld_build(history, relation: str, interval: float, deadline: float) -> tuple[list, int]:
+def _pld_build(history, relation: str, interval: float) -> tuple[list, int]:
     """Each step's PLD on the grid, and the points the composition of all of them will take."""
-    plds = []
-    for sigma, q, steps in history:
-        _check_deadline(deadline)
-        plds.append((privacy_loss_distribution.from_gaussian_mechanism(
-            sigma, sampling_prob=q, value_discretization_interval=interval, pessimistic_estimate=True,
-            neighboring_relation=_NEIGHBOURS[relation]), steps))
+    plds = [(privacy_loss_distribution.from_gaussian_mechanism(
+        sigma, sampling_prob=q, value_discretization_interval=interval, pessimistic_estimate=True,
+        neighboring_relation=_NEIGHBOURS[relation]), steps) for sigma, q, steps in history]
     return plds, sum(_pld_points(pld, steps) for pld, steps in plds)
-
-
-def _check_deadline(deadline: float) -> None:
-    if time.monotonic() > deadline:
-        raise ResourceLimit(f"not finished within {PLD_SECONDS:g} s")
 
 
 def dp_accounting_pld(history, delta: float, relation: str = "add-remove") -> tuple[float, str | None]:
@@ -144,13 +136,14 @@ def dp_accounting_pld(history, delta: float, relation: str = "add-remove") -> tu
     A probe on a coarse grid (PLD_PROBE_POINTS per step, cheap) measures how wide the composed privacy loss
     is; the grid is then the finest that keeps every step within PLD_STEP_POINTS and the composition within
     PLD_POINTS, and is checked again before the composition is computed."""
-    deadline = time.monotonic() + PLD_SECONDS
+    if len(history) > PLD_MECHANISMS:
+        raise ResourceLimit(f"{len(history)} different (sigma, q) to discretize (limit {PLD_MECHANISMS})")
     span = _pld_loss_span(history, relation)
     interval = max(PLD_DISCRETIZATION, span / PLD_STEP_POINTS)
     probe = max(interval, span / PLD_PROBE_POINTS)
-    interval = max(interval, _pld_build(history, relation, probe, deadline)[1] * probe / PLD_POINTS)
+    interval = max(interval, _pld_build(history, relation, probe)[1] * probe / PLD_POINTS)
     for _ in range(_PLD_ATTEMPTS):
-        plds, points = _pld_build(history, relation, interval, deadline)
+        plds, points = _pld_build(history, relation, interval)
         if points <= PLD_POINTS:
             break
         interval *= 1.05 * points / PLD_POINTS
@@ -159,7 +152,6 @@ def dp_accounting_pld(history, delta: float, relation: str = "add-remove") -> tu
                             f"(limit {PLD_POINTS})")
     composed = None
     for pld, steps in plds:
-        _check_deadline(deadline)
         part = pld.self_compose(steps, tail_mass_truncation=PLD_TAIL_MASS)
         composed = part if composed is None else composed.compose(part, tail_mass_truncation=PLD_TAIL_MASS)
     note = None

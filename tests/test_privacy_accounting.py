@@ -367,10 +367,12 @@ def test_pld_agrees_with_dp_accountings_own_accountant():
 
 
 def test_pld_and_prv_give_up_with_a_note_and_rdp_takes_over(monkeypatch):
-    monkeypatch.setattr(accountants, "PLD_SECONDS", 0.0)
+    """Nine different mechanisms are more than PLD discretizes (8); a PRV grid over its bound is not built."""
     monkeypatch.setattr(accountants, "PRV_POINTS", 1000)
-    res = epsilons([(1.0, 0.01, 1000)], DELTA)
-    assert res["accountants"]["dp_accounting_pld"] == {"epsilon": None, "error": "not computed: not finished within 0 s"}
+    history = [(1.0 + i / 10, 0.01, 100) for i in range(9)]
+    res = epsilons(history, DELTA)
+    assert res["accountants"]["dp_accounting_pld"] == {
+        "epsilon": None, "error": "not computed: 9 different (sigma, q) to discretize (limit 8)"}
     assert res["accountants"]["opacus_prv"]["error"].startswith("not computed: its grid would need")
     assert res["headline"]["accountant"] in RDP
     assert res["notes"] == ["opacus_prv and dp_accounting_pld not computed (see its error): the headline is the "
@@ -421,9 +423,10 @@ def test_replace_one_by_group_privacy_is_an_upper_bound(sigma, steps):
 
 
 def test_without_pld_replace_one_falls_back_to_rdp_with_a_note(monkeypatch):
-    monkeypatch.setattr(accountants, "PLD_SECONDS", 0.0)
+    monkeypatch.setattr(accountants, "PLD_MECHANISMS", 0)
     res = epsilons([(1.0, 0.01, 1000)], DELTA, "replace-one")
-    assert res["accountants"]["dp_accounting_pld"]["error"] == "not computed: not finished within 0 s"
+    assert res["accountants"]["dp_accounting_pld"]["error"] == ("not computed: 1 different (sigma, q) to "
+                                                                "discretize (limit 0)")
     assert res["headline"] == {"accountant": "dp_accounting_rdp_replace_one",
                                "epsilon": res["accountants"]["dp_accounting_rdp_replace_one"]["epsilon"]}
     assert res["notes"] == ["dp_accounting_pld not computed (see its error): the headline is the tightest of "

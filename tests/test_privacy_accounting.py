@@ -357,15 +357,6 @@ def test_a_coarser_subsampled_pld_stays_above_the_optimistic_estimate(monkeypatc
     assert coarse >= low and coarse > fine
 
 
-def test_pld_agrees_with_dp_accountings_own_accountant():
-    from dp_accounting.pld import pld_privacy_accountant
-
-    history = [(1.0, 0.01, 1000)]
-    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=accountants.PLD_DISCRETIZATION)
-    acc.compose(accountants.dp_event_of(history))
-    assert accountants.dp_accounting_pld(history, DELTA) == (pytest.approx(acc.get_epsilon(DELTA), rel=1e-9), None)
-
-
 def test_pld_and_prv_give_up_with_a_note_and_rdp_takes_over(monkeypatch):
     """Nine different mechanisms are more than PLD discretizes (8); a PRV grid over its bound is not built."""
     monkeypatch.setattr(accountants, "PRV_POINTS", 1000)
@@ -387,29 +378,32 @@ def test_identical_mechanisms_compose_as_one():
 
 # ------------------------------------------------------------------ both neighbouring relations
 def test_each_relation_has_its_own_accountants_and_the_headline_is_replace_one():
-    """Replace-one by dp-accounting's PLD with NeighboringRelation.REPLACE_ONE (the number its own accountant
-    gives) and by RDP through group privacy (a looser upper bound); add/remove by all four."""
+    """Replace-one by dp-accounting's PLD with NeighboringRelation.REPLACE_ONE and by RDP through group privacy
+    (a looser upper bound); add/remove by all four. Each PLD is the number dp-accounting's own PLDAccountant
+    gives for that relation (our composition adds only the resource bounds, not hit here)."""
     from dp_accounting import privacy_accountant
     from dp_accounting.pld import pld_privacy_accountant
 
-    history = [(1.0, 0.01, 1000)]
+    history = [(2.0, 0.05, 300)]
     res = client_epsilons(history, DELTA)
     assert list(res["relations"]) == list(RELATIONS) == ["replace-one", "add-remove"]
+    neighbours = {"replace-one": privacy_accountant.NeighboringRelation.REPLACE_ONE,
+                  "add-remove": privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE}
     for relation, names in RELATIONS.items():
         rel = res["relations"][relation]
         assert rel["relation"] == relation and set(rel["accountants"]) == set(names)
-        assert all(r["error"] is None for r in rel["accountants"].values()) and rel["flags"] == []
+        assert all(r["error"] is None for r in rel["accountants"].values())
+        assert rel["flags"] == [] and rel["notes"] == []
+        acc = pld_privacy_accountant.PLDAccountant(neighbours[relation],
+                                                   value_discretization_interval=accountants.PLD_DISCRETIZATION)
+        acc.compose(accountants.dp_event_of(history))
+        assert rel["accountants"]["dp_accounting_pld"]["epsilon"] == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
     replace_one, add_remove = res["relations"]["replace-one"], res["relations"]["add-remove"]
     assert res["headline"] == {"relation": "replace-one", **replace_one["headline"]}
-    assert replace_one["headline"]["accountant"] == "dp_accounting_pld"
-    acc = pld_privacy_accountant.PLDAccountant(privacy_accountant.NeighboringRelation.REPLACE_ONE,
-                                               value_discretization_interval=accountants.PLD_DISCRETIZATION)
-    acc.compose(accountants.dp_event_of(history))
     pld = replace_one["accountants"]["dp_accounting_pld"]["epsilon"]
-    assert pld == pytest.approx(acc.get_epsilon(DELTA), rel=1e-5)  # its grid may be a little coarser than 1e-4
+    assert replace_one["headline"]["accountant"] == "dp_accounting_pld"
     assert replace_one["accountants"]["dp_accounting_rdp_replace_one"]["epsilon"] > pld
-    # swapping a record moves the sum up to twice as far as adding one: more epsilon, less than double here
-    assert add_remove["headline"]["epsilon"] < pld < 2 * add_remove["headline"]["epsilon"]
+    assert pld > add_remove["headline"]["epsilon"]  # swapping a record moves the sum further than adding one
 
 
 @pytest.mark.parametrize("sigma, steps", [(2.0, 50), (1.0, 10)])

@@ -341,7 +341,8 @@ def one_run_bound(m: int, r: int, v: int, delta: float, beta: float = 0.05) -> d
     if v > r:
         raise ConfigError(f"correct guesses (v = {v}) cannot exceed the guesses (r = {r})")
     return {"epsilon_lb": _largest_rejected(m, r, v, delta, beta),
-            "epsilon_ceiling": _largest_rejected(m, r, r, delta, beta), "m": m, "r": r, "v": v, "beta": beta, "delta": delta}
+            "epsilon_ceiling": _largest_rejected(m, r, r, delta, beta),
+            "m": m, "r": r, "v": v, "beta": beta, "delta": delta}
 
 
 def _one_run_counts(m, r, delta, beta) -> tuple[int, int, float, float]:

@@ -436,7 +436,8 @@ def test_canary_bound_gives_the_audits_bound_for_the_same_counts(noise, delta, a
 @pytest.mark.parametrize("args, message", [
     (["--canaries", "1", "--guesses", "1", "--correct", "1"], "canaries (m) must be an integer >= 2, got 1"),
     (["--canaries", "10", "--guesses", "11", "--correct", "1"], "guesses (r = 11) cannot exceed the canaries (m = 10)"),
-    (["--canaries", "10", "--guesses", "4", "--correct", "5"], "correct guesses (v = 5) cannot exceed the guesses (r = 4)"),
+    (["--canaries", "10", "--guesses", "4", "--correct", "5"],
+     "correct guesses (v = 5) cannot exceed the guesses (r = 4)"),
     (["--canaries", "10", "--guesses", "4", "--correct", "-1"], "correct guesses (v) must be an integer >= 0"),
     (["--canaries", "10", "--guesses", "0", "--correct", "0"], "guesses (r) must be an integer >= 1"),
     (["--canaries", "10", "--guesses", "4", "--correct", "3", "--alpha", "0"], "--alpha must be in (0, 1), got 0"),

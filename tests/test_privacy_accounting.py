@@ -282,7 +282,7 @@ def test_adaptive_clipping_needs_sigma_below_twice_the_count_noise():
     check_adaptive(fixed, 5.0, 2.0)  # the rule only binds adaptive clipping
 
 
-# ------------------------------------------------------------------ resources: every call finishes, PLD stays an upper bound
+# ------------------------------------------------------------------ resources: every call finishes, PLD an upper bound
 @pytest.mark.parametrize("q, sigma, steps", [(0.5, 0.3, 10_000), (1.0, 0.3, 1000), (0.01, 0.3, 100_000)])
 def test_accounting_never_hangs_or_runs_out_of_memory(q, sigma, steps, capsys):
     """Settings that once took gigabytes or minutes through the epsilon command (and the same code at the end of

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alignfl_audit.audit_summary import audit_summary
 from alignfl_audit.config import ExperimentConfig, canary_guesses, from_dict, migrate_config
 from alignfl_audit.rundir import RunDir
 from federation import run_layout as layout
@@ -28,6 +29,7 @@ from attacks.mia_metrics import membership_metrics, roc_arrays
 from attacks.outlier_reconstruction import domain_classifier, reconstruct_groups
 from attacks.outlier_verdicts import outlier_verdicts
 from attacks.reference_models import ReferenceRecipe, train_reference_decoder
+from attacks.selection import largest_ceiling
 from attacks.sensitivity import audit_sensitivity
 from attacks.shared_artifacts import SharedRun, load_shared_run
 from federation.rng import seeded_generator
@@ -220,6 +222,7 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
         "accountant": _accountant(run),
         "timing_seconds": {**timing, "audit": round(time.perf_counter() - started, 2)},
     }
+    audit["summary"] = audit_summary(audit)
     folder = run.file("audit")
     folder.mkdir(exist_ok=True)
     np.savez_compressed(folder / "scores.npz", **evidence)
@@ -291,7 +294,7 @@ def _empirical_epsilon(evidence: dict, attacks: list[str], delta: float, alpha: 
         per[name] = clopper_pearson_epsilon(s[labels], s[~labels], delta, alpha=level, seed=seed)
     best = max(per, key=lambda n: per[n]["epsilon_lb"])
     return {"headline": per[best]["epsilon_lb"], "attack": best, "delta": delta, "alpha": alpha,
-            "ceiling": max(p["epsilon_ceiling"] for p in per.values()),  # the most the estimate could show
+            "ceiling": largest_ceiling(per),  # the most the estimate could show
             "per_attack_alpha": level, "per_attack": per,
             "method": "Clopper-Pearson (Jagielski et al. 2020) on a held-out half, Bonferroni over attacks",
             "validity": "treats each candidate as an independent trial; members and non-members come from one "
@@ -383,15 +386,20 @@ def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence) -> d
 
 
 def _accountant(run: RunDir) -> dict:
-    """The formal claim next to the empirical one: epsilon only where a real guarantee exists."""
-    from alignfl_audit.accounting import ledger_epsilons
+    """The formal claim next to the empirical one: epsilon only where a real guarantee exists, under the
+    headline relation (replace-one) and under add/remove."""
+    from alignfl_audit.accounting import HEADLINE_REASON, ledger_epsilons
 
     if not run.file(layout.LEDGER).is_file():
         return {"formal_guarantee": False, "epsilon": None, "note": "no privacy ledger in the run"}
     block = ledger_epsilons(run.read_json(layout.LEDGER))
     if not block["formal_guarantee"]:
         return {"formal_guarantee": False, "epsilon": None, "mechanism": block["mechanism"], "note": block["note"]}
-    per_client = {cid: r["headline"]["epsilon"] for cid, r in block["clients"].items()}
+    top = block["headline"] or {}
     return {"formal_guarantee": True, "mechanism": block["mechanism"], "delta": block["delta"],
-            "epsilon": max(per_client.values()) if per_client else None, "per_client": per_client,
+            "relation": block["relation"], "relation_reason": HEADLINE_REASON, "epsilon": top.get("epsilon"),
+            "epsilon_add_remove": top.get("add_remove_epsilon"),
+            "per_client": {cid: r["headline"]["epsilon"] for cid, r in block["clients"].items()},
+            "per_client_add_remove": {cid: r["relations"]["add-remove"]["headline"]["epsilon"]
+                                      for cid, r in block["clients"].items()},
             "note": block["note"]}

@@ -78,7 +78,7 @@ def _finish(cfg, run) -> int:
 def _epsilon(args: argparse.Namespace) -> int:
     import json
 
-    from alignfl_audit.accounting import epsilons, ledger_epsilons
+    from alignfl_audit.accounting import HEADLINE_REASON, client_epsilons, ledger_epsilons
     from federation.errors import ConfigError
 
     if args.ledger:
@@ -94,12 +94,14 @@ def _epsilon(args: argparse.Namespace) -> int:
                                   ("--steps", args.steps), ("--delta", args.delta)) if v is None]
         if missing:
             raise ConfigError(f"epsilon needs --ledger RUN_DIR, or all of {', '.join(missing)}")
-        result = epsilons([(args.noise_multiplier, args.sampling_rate, args.steps)], args.delta)
+        result = {**client_epsilons([(args.noise_multiplier, args.sampling_rate, args.steps)], args.delta),
+                  "relation_reason": HEADLINE_REASON}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    if "accountants" in result:
+    if "relations" in result:
         _print_accounting(result, args.delta)
+        print(f"  why {result['relation_reason']}")
         return 0
     print(f"mechanism: {result['mechanism']}; formal guarantee: {'yes' if result['formal_guarantee'] else 'NO'}")
     if not result["formal_guarantee"]:
@@ -108,17 +110,27 @@ def _epsilon(args: argparse.Namespace) -> int:
     for cid, res in result["clients"].items():
         print(f"client {cid}:")
         _print_accounting(res, result["delta"])
+    print(f"why {result['relation_reason']}")
     return 0
 
 
 def _print_accounting(res: dict, delta: float) -> None:
-    for name, r in res["accountants"].items():
-        value = f"{r['epsilon']:.4f}" if r["epsilon"] is not None else f"failed ({r['error']})"
-        print(f"  {name:<18} epsilon = {value}")
+    """One client's epsilon under each relation (each accountant, the tightest, flags and notes), then the
+    headline."""
+    for relation, rel in res["relations"].items():
+        print(f"  {relation}{' (the headline relation)' if relation == res['headline']['relation'] else ''}:")
+        for name, r in rel["accountants"].items():
+            value = (f"{r['epsilon']:.4f}" if r["epsilon"] is not None else r["error"]
+                     if r["error"].startswith("not computed") else f"failed ({r['error']})")
+            print(f"    {name:<30} epsilon = {value}")
+        print(f"    tightest: epsilon = {rel['headline']['epsilon']:.4f} ({rel['headline']['accountant']})")
+        for flag in rel["flags"]:
+            print(f"    WARNING: {flag}")
+        for note in rel["notes"]:
+            print(f"    note: {note}")
     h = res["headline"]
-    print(f"  headline: epsilon = {h['epsilon']:.4f} at delta = {delta:g} ({h['accountant']}, the tightest valid)")
-    for flag in res["flags"]:
-        print(f"  WARNING: {flag}")
+    print(f"  headline: epsilon = {h['epsilon']:.4f} at delta = {delta:g} ({h['relation']}, {h['accountant']}, "
+          f"the tightest valid)")
 
 
 def _inspect_upload(args: argparse.Namespace) -> int:
@@ -176,26 +188,30 @@ def _audit(args: argparse.Namespace) -> int:
 def _print_audit(path) -> None:
     import json
 
-    audit = json.loads(path.read_text())
-    best = max(audit["mia"].items(), key=lambda kv: kv[1]["auc"])
-    o = audit["outliers"]
-    outl = (f", outliers reconstructed {o['reconstruction_rate']:.3f} vs controls {o['control_rate']:.3f}"
-            if o and o.get("control_rate") is not None else "")
+    from alignfl_audit.audit_summary import read_summary
+
+    s = read_summary(json.loads(path.read_text()))
+    best, game, o, acc, c = s["best_attack"], s["chance_band"], s["outliers"], s["accountant"], s["canary"]
+    outl = ""
     if o:
-        outl += (f", outlier memorisation: {o['memorisation']['verdict']}, outliers mapped to typical points: "
-                 f"{o['typical_mapping']['verdict']}")
-    acc = audit["accountant"]
-    formal = f"accountant epsilon={acc['epsilon']:.3f}" if acc["formal_guarantee"] else "no formal guarantee"
-    c = audit.get("canaries") or {}
-    canary = f"canaries: {c['note']}, " if c.get("note") else "no canaries: no proven bound, "
-    if c.get("epsilon_lb") is not None:
+        if o["control_rate"] is not None:
+            outl = f", outliers reconstructed {o['reconstruction_rate']:.3f} vs controls {o['control_rate']:.3f}"
+        outl += (f", outlier memorisation: {o['memorisation']}, outliers mapped to typical points: "
+                 f"{o['typical_mapping']}")
+    formal = "no formal guarantee"
+    if acc["formal_guarantee"] and acc["epsilon"] is not None:
+        formal = (f"accountant epsilon={acc['epsilon']:.3f} ({acc['relation']}; add/remove "
+                  f"{acc['epsilon_add_remove']:.3f})")
+    canary = f"{s['canary_note']}, "
+    if c:
         canary = (f"canary lower bound epsilon>={c['epsilon_lb']:.3f} (the most this audit could have shown: "
                   f"{c['epsilon_ceiling']:.3f}; {c['m']} canaries, {c['r']} guesses), ")
-    game = audit["sensitivity"]["membership_game"]
-    print(f"{path}: best AUC {best[1]['auc']:.3f} ({best[0]}; chance band 0.5 +- {game['auc_half_width']:.3f} at "
+    warning = ("; WARNING: the canary bound exceeds the accountant's add/remove epsilon: the DP implementation or "
+               "its accounting is wrong" if s["canary_above_accountant"] else "")
+    print(f"{path}: best AUC {best['auc']:.3f} ({best['name']}; chance band 0.5 +- {game['auc_half_width']:.3f} at "
           f"{game['n_members']} members and {game['n_nonmembers']} non-members), {canary}membership-game epsilon "
-          f"estimate {audit['empirical_epsilon']:.3f} (the most this audit could have shown: "
-          f"{audit['empirical_epsilon_ceiling']:.3f}; not a proof; {formal}){outl}")
+          f"estimate {s['estimate']['epsilon']:.3f} (the most this audit could have shown: "
+          f"{s['estimate']['ceiling']:.3f}; not a proof; {formal}){outl}{warning}")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -223,22 +239,38 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _empirical_epsilon(args: argparse.Namespace) -> int:
-    import json
-
     from attacks.empirical_epsilon import clopper_pearson_epsilon, load_scores
 
     res = clopper_pearson_epsilon(load_scores(args.member_scores, "member scores"),
                                   load_scores(args.nonmember_scores, "non-member scores"),
                                   args.delta, alpha=args.alpha, selection=args.selection, seed=args.seed)
-    if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
-    print(f"empirical epsilon >= {res['epsilon_lb']:.4f} at delta = {res['delta']:g}, "
-          f"{1 - res['alpha']:.0%} confidence (Clopper-Pearson, {res['selection']} threshold selection); "
-          f"the most these counts could have shown: {res['epsilon_ceiling']:.4f}")
-    print(f"  threshold {res['threshold']:.6g}: FPR {res['fpr']:.4f} (upper {res['fpr_ub']:.4f}), "
-          f"FNR {res['fnr']:.4f} (upper {res['fnr_ub']:.4f}) on the held-out half: "
-          f"{res['n_members_eval']} members, {res['n_nonmembers_eval']} non-members")
+    return _result(args, res, [
+        f"empirical epsilon >= {res['epsilon_lb']:.4f} at delta = {res['delta']:g}, "
+        f"{1 - res['alpha']:.0%} confidence (Clopper-Pearson, {res['selection']} threshold selection); "
+        f"the most these counts could have shown: {res['epsilon_ceiling']:.4f}",
+        f"  threshold {res['threshold']:.6g}: FPR {res['fpr']:.4f} (upper {res['fpr_ub']:.4f}), "
+        f"FNR {res['fnr']:.4f} (upper {res['fnr_ub']:.4f}) on the held-out half: "
+        f"{res['n_members_eval']} members, {res['n_nonmembers_eval']} non-members"])
+
+
+def _canary_bound(args: argparse.Namespace) -> int:
+    from attacks.empirical_epsilon import one_run_bound
+    from federation.errors import ConfigError
+
+    if not 0 < args.alpha < 1:
+        raise ConfigError(f"--alpha must be in (0, 1), got {args.alpha:g}")
+    res = one_run_bound(args.canaries, args.guesses, args.correct, args.delta, beta=args.alpha)
+    return _result(args, res, [
+        f"one-run epsilon >= {res['epsilon_lb']:.4f} at delta = {res['delta']:g}, {1 - res['beta']:.0%} confidence "
+        f"(Steinke, Nasr, Jagielski 2023): {res['v']} of {res['r']} guesses right on {res['m']} canaries; the most "
+        f"these counts could have shown (all {res['r']} right): {res['epsilon_ceiling']:.4f}"])
+
+
+def _result(args: argparse.Namespace, res: dict, lines: list[str]) -> int:
+    """A bound command's output: the result as JSON with --json, else its lines."""
+    import json
+
+    print(json.dumps(res, indent=2) if args.json else "\n".join(lines))
     return 0
 
 
@@ -256,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  alignfl-audit sweep configs/sweep-dp-vs-lcd.yaml\n"
                "  alignfl-audit audit RUN_DIR                                attack a finished run's shared decoders\n"
                "  alignfl-audit empirical-epsilon --member-scores IN.npy --nonmember-scores OUT.npy --delta 1e-5\n"
+               "  alignfl-audit canary-bound --canaries 200 --guesses 80 --correct 80 --delta 1e-5\n"
                "'alignfl-audit COMMAND --help' describes each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
@@ -281,9 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     eps = sub.add_parser(
         "epsilon", help="epsilon from every accountant, for given DP-SGD parameters or a run's ledger",
-        description="Compute epsilon with Opacus RDP, Opacus PRV, dp-accounting RDP and dp-accounting PLD, "
-                    "either for one Poisson-subsampled Gaussian mechanism (--sampling-rate, --noise-multiplier, "
-                    "--steps, --delta) or per client from a run's privacy_ledger.json (--ledger RUN_DIR).")
+        description="Compute epsilon under both neighbouring relations, either for one Poisson-subsampled "
+                    "Gaussian mechanism (--sampling-rate, --noise-multiplier, --steps, --delta) or per client from "
+                    "a run's privacy_ledger.json (--ledger RUN_DIR). Replace-one, the headline (each upload "
+                    "releases the client's record count): dp-accounting PLD, and dp-accounting RDP through group "
+                    "privacy. Add/remove (the record count treated as public): Opacus RDP, Opacus PRV, "
+                    "dp-accounting RDP and dp-accounting PLD.")
     eps.add_argument("--ledger", metavar="RUN_DIR", help="a run directory holding privacy_ledger.json")
     eps.add_argument("--sampling-rate", type=float, metavar="Q")
     eps.add_argument("--noise-multiplier", type=float, metavar="SIGMA")
@@ -358,6 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     emp.add_argument("--seed", type=int, default=0, help="seed of the selection/evaluation split (default 0)")
     emp.add_argument("--json", action="store_true", help="print JSON")
     emp.set_defaults(func=_empirical_epsilon)
+
+    cb = sub.add_parser(
+        "canary-bound", help="the one-run canary lower bound on epsilon from its counts, to check a report by hand",
+        description="The one-run lower bound on epsilon (Steinke, Nasr, Jagielski 2023) that the audit reports for "
+                    "its canaries, from the counts alone: M canaries, each included with probability 1/2, R guesses "
+                    "(in for the highest scores, out for the lowest), V of them right. Prints the bound at confidence "
+                    "1 - A and the most these counts could have shown (all R guesses right).")
+    cb.add_argument("--canaries", type=int, required=True, metavar="M", help="number of canaries m (>= 2)")
+    cb.add_argument("--guesses", type=int, required=True, metavar="R", help="guesses made, r (1 <= r <= m)")
+    cb.add_argument("--correct", type=int, required=True, metavar="V", help="correct guesses, v (0 <= v <= r)")
+    cb.add_argument("--delta", type=float, required=True, metavar="D")
+    cb.add_argument("--alpha", type=float, default=0.05, metavar="A", help="1 - confidence (default 0.05)")
+    cb.add_argument("--json", action="store_true", help="print JSON")
+    cb.set_defaults(func=_canary_bound)
     return parser
 
 

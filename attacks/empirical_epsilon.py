@@ -329,12 +329,28 @@ def one_run_ceiling(m: int, r: int, delta: float, beta: float = 0.05) -> float:
     """The most :func:`one_run_epsilon` can prove with m canaries and r guesses: its bound when all r
     guesses are right (v = r). For delta = 0 this is max(0, logit(beta ** (1 / r))); a positive delta lowers it
     slightly through the 2 m delta term. No attack, however strong, can prove more with these counts."""
+    m, r, delta, beta = _one_run_counts(m, r, delta, beta)
+    return _largest_rejected(m, r, r, delta, beta)
+
+
+def one_run_bound(m: int, r: int, v: int, delta: float, beta: float = 0.05) -> dict:
+    """:func:`one_run_epsilon`'s bound and ceiling from its counts alone: m canaries, r guesses, v of them
+    right. The same numbers the audit reports for these counts, so a reported bound can be checked by hand."""
+    m, r, delta, beta = _one_run_counts(m, r, delta, beta)
+    v = _count(v, "correct guesses (v)", 0)
+    if v > r:
+        raise ConfigError(f"correct guesses (v = {v}) cannot exceed the guesses (r = {r})")
+    return {"epsilon_lb": _largest_rejected(m, r, v, delta, beta),
+            "epsilon_ceiling": _largest_rejected(m, r, r, delta, beta),
+            "m": m, "r": r, "v": v, "beta": beta, "delta": delta}
+
+
+def _one_run_counts(m, r, delta, beta) -> tuple[int, int, float, float]:
     m = _count(m, "canaries (m)", 2)
     r = _count(r, "guesses (r)", 1)
     if r > m:
         raise ConfigError(f"guesses (r = {r}) cannot exceed the canaries (m = {m})")
-    return _largest_rejected(m, r, r, _probability(delta, "delta", low_open=False),
-                             _probability(beta, "beta", low_open=True))
+    return m, r, _probability(delta, "delta", low_open=False), _probability(beta, "beta", low_open=True)
 
 
 def _largest_rejected(m: int, r: int, v: int, delta: float, beta: float) -> float:

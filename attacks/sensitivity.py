@@ -16,6 +16,7 @@ import math
 
 from scipy import stats
 
+from attacks.selection import best_attack, largest_ceiling
 from federation.errors import ConfigError
 
 METHOD = ("Hanley-McNeil (1982) standard error of the AUC at AUC = 0.5, i.e. sqrt((n1 + n2 + 1) / (12 n1 n2)), "
@@ -45,13 +46,13 @@ def audit_sensitivity(mia: dict, empirical: dict, canaries: dict | None, alpha: 
         h = auc_half_width(n1, n0, confidence)
         return {"n_members": n1, "n_nonmembers": n0, "auc_half_width": h, "chance_band": [0.5 - h, 0.5 + h]}
 
-    best = max(mia, key=lambda name: mia[name]["auc"])
+    best = best_attack(mia)
     ci = mia[best].get("auc_ci")
     membership = {**game(first), "confidence": confidence, "method": METHOD,
                   "clients": {cid: game(c) for cid, c in first.get("clients", {}).items()},
                   "best_attack": best,
                   "best_attack_bootstrap_half_width": (ci[1] - ci[0]) / 2 if ci else None}
-    estimate_ceiling = max(d["epsilon_ceiling"] for d in empirical["per_attack"].values())
+    estimate_ceiling = largest_ceiling(empirical["per_attack"])
     canary = None
     if canaries and canaries.get("epsilon_ceiling") is not None:
         canary = {k: canaries[k] for k in ("m", "r", "delta", "beta", "epsilon_ceiling")}

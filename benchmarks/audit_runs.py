@@ -44,8 +44,9 @@ def audit_one(label: str, data_root: str, threads: int) -> str:
 
 
 def table() -> str:
+    from alignfl_audit.audit_summary import read_summary
     from attacks.outlier_verdicts import TYPICAL_MAPPING_RATE, outlier_verdicts
-    from reports.summary import best_attack
+    from attacks.selection import largest_ceiling
 
     rows = ["| run | probe acc. | accountant ε | best attack | AUC [95% CI] | TPR@1%FPR | ε estimate (CP) "
             "(the most this audit could have shown) | "
@@ -57,8 +58,8 @@ def table() -> str:
     for path in sorted(RESULTS.glob("audit-*.json")):
         a = json.loads(path.read_text())
         b = a["benchmark"]
-        m = best_attack(a)
-        acc = a["accountant"]
+        s = read_summary(a)  # the audit's picks (computed by the audit's own function for these older files)
+        m, acc = s["best_attack"], s["accountant"]
         eps = f"{acc['epsilon']:.2f}" if acc["formal_guarantee"] else "none (no formal guarantee)"
         o = a["outliers"] or {}
         groups = o.get("groups", {})
@@ -77,16 +78,13 @@ def table() -> str:
         p05 = " / ".join(f"{groups[g]['normalized']['p05']:.2f}" if g in groups else "n/a"
                          for g in ("outliers", "controls", "inliers"))
         lip = a["lipschitz"]["0"]
-        # the estimate's ceiling from the recorded counts (audits written before it was recorded lack it)
-        ceiling = a.get("empirical_epsilon_ceiling")
+        # the estimate's ceiling; audits written before it was recorded: from their recorded counts
+        ceiling = s["estimate"]["ceiling"]
         if ceiling is None:
-            from attacks.empirical_epsilon import clopper_pearson_ceiling
-            ceiling = max(clopper_pearson_ceiling(d["n_members_eval"], d["n_nonmembers_eval"], d["delta"],
-                                                  d["alpha"], d["n_candidates"])
-                          for d in a["empirical_epsilon_detail"]["per_attack"].values())
+            ceiling = largest_ceiling(a["empirical_epsilon_detail"]["per_attack"])
         rows.append(f"| {b['label']} | {b['probe_accuracy']:.4f} | {eps} | {m['name']} | {m['auc']:.3f} "
                     f"[{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}] | {m['tpr_at_1pct_fpr']:.3f} | "
-                    f"{a['empirical_epsilon']:.3f} ({ceiling:.2f}) | {outl} | {p05} | {closer} | {memorised} | "
+                    f"{s['estimate']['epsilon']:.3f} ({ceiling:.2f}) | {outl} | {p05} | {closer} | {memorised} | "
                     f"{typical} | {claim} | "
                     f"{lip['lower']:.2f}–{lip['upper']:.1f} | "
                     f"{b['audit_wall_seconds'] / 60:.1f} / {b['train_seconds'] / 60:.1f} |")

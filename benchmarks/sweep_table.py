@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from attacks.selection import best_attack
+
 RESULTS = Path(__file__).resolve().parent / "results"
 KEPT = RESULTS / "sweep-dp-vs-lcd-quickstart.csv"
 _DROPPED = r"clients\.|\.rounds\.|^groups\.(?:outliers|controls|inliers)\.(?:distance|normalized)"
@@ -50,7 +52,7 @@ def table() -> str:
         if not attacks:
             rows.append(f"| {run.split('(')[-1].rstrip(')')} | not audited |" + " |" * 9)
             continue
-        best = max(attacks, key=lambda a: num(f"mia:{a}.auc"))
+        best = best_attack({a: {"auc": num(f"mia:{a}.auc")} for a in attacks})
         rows.append(
             f"| {run.split('(')[-1].rstrip(')')} | {'yes' if formal else 'no'} | {eps} | "
             f"{num('utility:probe_accuracy'):.3f} | {best} | {num(f'mia:{best}.auc'):.3f} "

@@ -31,7 +31,10 @@ PARTITION_FORMAT = "alignfl-partition/2"
 LEDGER = "privacy_ledger.json"
 LEDGER_FORMAT = "alignfl-ledger/2"
 METRICS = "metrics.json"
-METRICS_FORMAT = "alignfl-metrics/2"
+# metrics.json: /3 reports each client's epsilon under both neighbouring relations (privacy.clients.K.relations)
+# with the headline's relation named (replace-one), and the run's headline (privacy.headline); /2 and earlier
+# hold add/remove only and still read (alignfl_audit.accounting.run_epsilon)
+METRICS_FORMAT = "alignfl-metrics/3"
 ROUNDS = "rounds.csv"
 STATUS = "status.json"
 LOG = "run.log"
@@ -68,6 +71,8 @@ def run_format(metrics: dict) -> str:
 
 # audit.json: /2 splits the outlier verdict (memorisation; mapped to typical points) and records the
 # class-matched membership game; /3 adds the audit's sensitivity (the game's AUC half-width) and the ceiling
-# of every epsilon bound; /1 and /2 files still render (without those)
-AUDIT_FORMAT = "alignfl-audit/3"
-READABLE_AUDIT_FORMATS = ("alignfl-audit/1", "alignfl-audit/2", AUDIT_FORMAT)
+# of every epsilon bound; /4 adds the summary block (the best attack, the run's epsilons and verdicts, picked
+# once: alignfl_audit.audit_summary) and the accountant under both neighbouring relations; /1 to /3 files still
+# render (without those; their summary is computed on reading by the same function)
+AUDIT_FORMAT = "alignfl-audit/4"
+READABLE_AUDIT_FORMATS = ("alignfl-audit/1", "alignfl-audit/2", "alignfl-audit/3", AUDIT_FORMAT)

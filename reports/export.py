@@ -7,6 +7,7 @@ import pandas as pd
 
 from alignfl_audit.rundir import atomic_write
 from reports.evidence import RunEvidence
+from reports.summary import audit_summary
 
 _SKIP = {"roc", "distances", "normalized_distances", "settings", "layer_norms", "figures"}
 
@@ -35,6 +36,7 @@ def tidy(runs: list[RunEvidence]) -> pd.DataFrame:
             for key in ("mia", "outliers", "lipschitz", "canaries", "accountant", "empirical_epsilon_detail",
                         "sensitivity"):
                 sources[key] = run.audit.get(key)
+            sources["summary"] = audit_summary(run)
             sources["audit"] = {k: run.audit.get(k) for k in ("empirical_epsilon", "empirical_epsilon_ceiling",
                                                                "empirical_epsilon_proven",
                                                                "empirical_epsilon_proven_ceiling")}

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from federation import run_layout as layout  # noqa: E402
 from reports.evidence import RunEvidence  # noqa: E402
-from reports.summary import best_attack, headline_epsilon, shares_decoders  # noqa: E402
+from reports.summary import audit_summary, headline_epsilon, shares_decoders  # noqa: E402
 
 
 def _uri(fig, layout: bool = True) -> str:
@@ -35,7 +35,7 @@ def frontier(runs: list[RunEvidence]) -> str:
         eps = headline_epsilon(run.metrics.get("privacy", {}))
         if eps is not None:
             left.scatter([eps], [acc], color=color)
-        best = best_attack(run.audit)
+        best = (audit_summary(run) or {}).get("best_attack")
         if best:
             right.errorbar([best["auc"]], [acc], xerr=[[best["auc"] - best["auc_ci"][0]],
                                                        [best["auc_ci"][1] - best["auc"]]], fmt="o", color=color)
@@ -46,7 +46,7 @@ def frontier(runs: list[RunEvidence]) -> str:
         label = run.label + (f" ({'; '.join(where)})" if where else "")
         handles.append(plt.Line2D([], [], marker="o", ls="", color=color, label=label))
     left.set_xscale("log")
-    left.set_xlabel("accountant epsilon (log scale)")
+    left.set_xlabel("accountant epsilon, headline relation (log scale)")
     left.set_ylabel("probe accuracy")
     left.set_title("utility vs formal privacy")
     if not left.collections:

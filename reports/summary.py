@@ -4,19 +4,37 @@ from __future__ import annotations
 from reports.evidence import RunEvidence
 
 
+def run_privacy(privacy: dict) -> dict | None:
+    """The run's accountant epsilon as metrics.json records it (privacy.headline), or, for a run written
+    before it was recorded, as the audit's accounting picks it (the same function)."""
+    if "headline" in privacy:
+        return privacy["headline"]
+    from alignfl_audit.accounting import run_epsilon
+
+    return run_epsilon(privacy)
+
+
 def headline_epsilon(privacy: dict) -> float | None:
-    """The largest per-client accountant epsilon, only for a formal guarantee."""
-    if not privacy.get("formal_guarantee"):
-        return None
-    values = [c["headline"]["epsilon"] for c in privacy.get("clients", {}).values()]
-    return max(values) if values else None
+    """The largest per-client accountant epsilon under the headline relation, only for a formal guarantee."""
+    top = run_privacy(privacy)
+    return top["epsilon"] if top else None
 
 
-def best_attack(audit: dict | None) -> dict | None:
-    if not audit or not audit.get("mia"):
-        return None
-    name, m = max(audit["mia"].items(), key=lambda kv: kv[1]["auc"])
-    return {"name": name, **{k: m[k] for k in ("auc", "auc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci")}}
+def _client_epsilons(clients: dict) -> list[tuple[str, float, float | None]]:
+    """(client, headline epsilon, add/remove epsilon or None where only one relation was recorded), the
+    largest headline first."""
+    rows = [(cid, c["headline"]["epsilon"],
+             c["relations"]["add-remove"]["headline"]["epsilon"] if "relations" in c else None)
+            for cid, c in clients.items()]
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def audit_summary(run: RunEvidence) -> dict | None:
+    """The audit's summary block (alignfl_audit.audit_summary: recorded, or for an older audit computed by the
+    same function); None for a run without an audit."""
+    from alignfl_audit.audit_summary import read_summary
+
+    return read_summary(run.audit) if run.audit else None
 
 
 def shares_decoders(run: RunEvidence) -> bool:
@@ -28,7 +46,6 @@ def verdict_row(run: RunEvidence) -> dict:
     privacy = run.metrics.get("privacy", {})
     formal = bool(privacy.get("formal_guarantee"))
     clients = privacy.get("clients", {}) if formal else {}
-    per_client = sorted(((cid, c["headline"]["epsilon"]) for cid, c in clients.items()), key=lambda kv: -kv[1])
     audit = run.audit
     outliers = (audit or {}).get("outliers") or None
     lipschitz = (audit or {}).get("lipschitz") or {}
@@ -38,17 +55,12 @@ def verdict_row(run: RunEvidence) -> dict:
         "formal": formal,
         "guarantee_note": privacy.get("note") or privacy.get("epsilon_withheld") or "",
         "delta": privacy.get("delta") if formal else None,
-        "epsilon_per_client": per_client,  # headline (largest) first
+        "epsilon_per_client": _client_epsilons(clients),  # headline (largest) first
+        "epsilon_relation": (run_privacy(privacy) or {}).get("relation"),
         "extra_artifacts": privacy.get("extra_artifacts", {}),
         "audited": audit is not None,
         "shares_decoders": shares_decoders(run),
-        "empirical_epsilon": audit.get("empirical_epsilon") if audit else None,
-        "empirical_epsilon_ceiling": audit.get("empirical_epsilon_ceiling") if audit else None,
-        "canary_epsilon": (audit.get("canaries") or {}).get("epsilon_lb") if audit else None,
-        "canary_ceiling": (audit.get("canaries") or {}).get("epsilon_ceiling") if audit else None,
-        "canary_delta": (audit.get("canaries") or {}).get("delta") if audit else None,
-        "sensitivity": audit.get("sensitivity") if audit else None,  # None: audited before it was recorded
-        "best_attack": best_attack(audit),
+        "summary": audit_summary(run),  # the audit's picks: best attack, bounds, verdicts (None: not audited)
         "outliers": outliers,
         "lipschitz": sorted((cid, b["lower"], b["upper"]) for cid, b in lipschitz.items()),
         "utility": run.metrics.get("utility", {}),

@@ -76,7 +76,7 @@ def test_audit_json_has_the_contracted_fields(audited):
     assert (run / audit["outliers"]["figures"]["outliers"]).is_file()
 
 
-def test_what_the_audit_could_have_seen_is_recorded_and_printed(audited, capsys):
+def test_what_the_audit_could_have_seen_is_recorded_and_printed(audited, capsys, tmp_path):
     from alignfl_audit.cli import _print_audit
     from attacks.empirical_epsilon import clopper_pearson_ceiling, one_run_ceiling
     from attacks.sensitivity import auc_half_width
@@ -109,6 +109,22 @@ def test_what_the_audit_could_have_seen_is_recorded_and_printed(audited, capsys)
     assert (f"canary lower bound epsilon>={c['epsilon_lb']:.3f} (the most this audit could have shown: "
             f"{c['epsilon_ceiling']:.3f}; 20 canaries, 8 guesses)") in line
     assert f"(the most this audit could have shown: {audit['empirical_epsilon_ceiling']:.3f}; not a proof" in line
+    # the line is the summary's: what the audit picked, not picked again when printed
+    from alignfl_audit.audit_summary import audit_summary
+    assert audit["summary"] == audit_summary({k: v for k, v in audit.items() if k != "summary"})
+    assert audit["summary"]["best_attack"]["name"] == max(audit["mia"], key=lambda n: audit["mia"][n]["auc"])
+    assert audit["summary"]["canary"]["epsilon_lb"] == c["epsilon_lb"] and audit["summary"]["accountant"] == {
+        "formal_guarantee": False, "relation": None, "epsilon": None, "epsilon_add_remove": None, "delta": None}
+    tampered = dict(audit, summary={**audit["summary"], "best_attack": {**audit["summary"]["best_attack"],
+                                                                         "name": "summary_pick", "auc": 0.777}})
+    (tmp_path / "audit.json").write_text(json.dumps(tampered))
+    _print_audit(tmp_path / "audit.json")
+    assert "best AUC 0.777 (summary_pick;" in capsys.readouterr().out
+    # a reviewer checks the canary figure by hand from its counts alone
+    assert main(["canary-bound", "--canaries", str(c["m"]), "--guesses", str(c["r"]), "--correct", str(c["v"]),
+                 "--delta", repr(c["delta"]), "--alpha", repr(c["beta"]), "--json"]) == 0
+    by_hand = json.loads(capsys.readouterr().out)
+    assert (by_hand["epsilon_lb"], by_hand["epsilon_ceiling"]) == (c["epsilon_lb"], c["epsilon_ceiling"])
 
 
 def test_the_membership_game_is_class_matched_and_its_counts_are_recorded(audited):
@@ -163,8 +179,13 @@ def test_dp_run_empirical_epsilon_stays_below_the_accountant(tmp_path_factory):
     assert main(["audit", str(run), "--quiet", "--set", "audit.reference_models=false"]) == 0
     audit = json.loads((run / "audit.json").read_text())
     acc = audit["accountant"]
-    assert acc["formal_guarantee"] is True and 0 < acc["epsilon"] <= 1.0
-    assert audit["empirical_epsilon"] <= acc["epsilon"]
+    # sigma is calibrated to the target under add/remove; the headline (replace-one) lies above it
+    assert acc["formal_guarantee"] is True and 0 < acc["epsilon_add_remove"] <= 1.0 < acc["epsilon"]
+    assert acc["relation"] == "replace-one"
+    assert audit["empirical_epsilon"] <= acc["epsilon_add_remove"]
+    assert audit["summary"]["accountant"] == {"formal_guarantee": True, "relation": "replace-one",
+                                              "epsilon": acc["epsilon"], "delta": 1e-5,
+                                              "epsilon_add_remove": acc["epsilon_add_remove"]}
     assert set(audit["mia"]) == {"white_box_latent_fit", "monte_carlo", "nearest_generated_sample"}
 
 

@@ -407,3 +407,49 @@ def test_cli_bad_delta_exit_2(score_files, capsys):
     assert main(["empirical-epsilon", "--member-scores", str(score_files[0]),
                  "--nonmember-scores", str(score_files[1]), "--delta", "1.5"]) == 2
     assert "delta must be in [0, 1)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- canary-bound
+
+@pytest.mark.parametrize("noise, delta, alpha", [(0.01, 1e-5, 0.05), (0.6, 1e-5, 0.05), (1.0, 0.0, 0.1)])
+def test_canary_bound_gives_the_audits_bound_for_the_same_counts(noise, delta, alpha, capsys):
+    """What the audit reports for a run's canaries (one_run_epsilon on scores and coin flips) is what
+    canary-bound prints from the counts alone: all guesses right, some right, and a noisier attack."""
+    scores, included = _canaries(200, 7, noise)
+    audit = one_run_epsilon(scores, included, 40, 40, delta, beta=alpha)
+    args = ["canary-bound", "--canaries", "200", "--guesses", str(audit["r"]), "--correct", str(audit["v"]),
+            "--delta", str(delta), "--alpha", str(alpha)]
+    assert main([*args, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res == {k: audit[k] for k in ("epsilon_lb", "epsilon_ceiling", "m", "r", "v", "beta", "delta")}
+    assert main(args) == 0
+    out = capsys.readouterr().out.strip()
+    assert "\n" not in out and f"epsilon >= {audit['epsilon_lb']:.4f}" in out
+    assert f"{audit['v']} of {audit['r']} guesses right on 200 canaries" in out
+    assert f"could have shown (all {audit['r']} right): {audit['epsilon_ceiling']:.4f}" in out
+    if noise == 0.01:
+        assert audit["v"] == 80 and res["epsilon_lb"] == res["epsilon_ceiling"] > 3
+    if noise == 0.6:
+        assert 40 < audit["v"] < 80 and 0 < res["epsilon_lb"] < res["epsilon_ceiling"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--canaries", "1", "--guesses", "1", "--correct", "1"], "canaries (m) must be an integer >= 2, got 1"),
+    (["--canaries", "10", "--guesses", "11", "--correct", "1"], "guesses (r = 11) cannot exceed the canaries (m = 10)"),
+    (["--canaries", "10", "--guesses", "4", "--correct", "5"],
+     "correct guesses (v = 5) cannot exceed the guesses (r = 4)"),
+    (["--canaries", "10", "--guesses", "4", "--correct", "-1"], "correct guesses (v) must be an integer >= 0"),
+    (["--canaries", "10", "--guesses", "0", "--correct", "0"], "guesses (r) must be an integer >= 1"),
+    (["--canaries", "10", "--guesses", "4", "--correct", "3", "--alpha", "0"], "--alpha must be in (0, 1), got 0"),
+    (["--canaries", "10", "--guesses", "4", "--correct", "3", "--alpha", "1"], "--alpha must be in (0, 1), got 1"),
+    (["--canaries", "10", "--guesses", "4", "--correct", "3", "--alpha", "-0.5"], "--alpha must be in (0, 1)"),
+    (["--canaries", "10", "--guesses", "4", "--correct", "3", "--delta", "1.5"], "delta must be in [0, 1)"),
+])
+def test_canary_bound_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    if "--delta" not in args:
+        args = [*args, "--delta", "1e-5"]
+    assert main(["canary-bound", *args, "--json"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == "" and err.startswith("alignfl-audit: error: ") and "\n" not in err
+    assert message in err

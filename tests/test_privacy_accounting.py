@@ -11,14 +11,19 @@ fewer examples and a narrower range (sigma >= 0.8, q <= 0.05, steps <= 1000, i.e
 """
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 from opacus.accountants import create_accountant
+from scipy import optimize, special
 
-from alignfl_audit import accounting
-from alignfl_audit.accounting import ACCOUNTANTS, PRV_EPS_ERROR, epsilons, ledger_epsilons
+from alignfl_audit import accountants, accounting
+from alignfl_audit.accounting import (ACCOUNTANTS, PRV_EPS_ERROR, RELATIONS, client_epsilons, epsilons,
+                                      ledger_epsilons, run_epsilon)
+from alignfl_audit.cli import main
 from federation.errors import ConfigError
 from federation.privacy.budget import EPSILON_TOLERANCE, calibrate_noise, check_adaptive, spent_epsilon
 from federation.privacy.ledger import DPEvent, PrivacyLedger
@@ -36,7 +41,8 @@ def tol(name: str, eps: float) -> float:
 
 def single(name: str, sigma: float, q: float, steps: int) -> float:
     with accounting._quiet():
-        return accounting._FUNCS[name]([(sigma, q, steps)], DELTA)
+        out = accounting._FUNCS[name]([(sigma, q, steps)], DELTA)
+    return out[0] if isinstance(out, tuple) else out  # PLD: (epsilon, note on its grid)
 
 
 @st.composite
@@ -208,9 +214,15 @@ def test_ledger_epsilons_compose_each_clients_events():
         ledger.record(DPEvent(0, rnd, 0.05, 1.2, 20, "fixed", "full", "ghost", 1.0, 1.0))
     ledger.record(DPEvent(1, 0, 0.05, 1.2, 20, "fixed", "full", "ghost", 1.0, 1.0))
     out = ledger_epsilons(PrivacyLedger.from_json(ledger.to_json()).to_json())
-    assert out["clients"]["0"] == epsilons([(1.2, 0.05, 20), (1.2, 0.05, 20)], DELTA)
+    assert out["clients"]["0"]["relations"]["add-remove"] == epsilons([(1.2, 0.05, 20), (1.2, 0.05, 20)], DELTA)
     assert set(out["clients"]) == {"0", "1"} and out["delta"] == DELTA
     assert out["clients"]["0"]["headline"]["epsilon"] > out["clients"]["1"]["headline"]["epsilon"]
+    # the run's headline: the largest client under replace-one, and the largest under add/remove
+    assert out["relation"] == "replace-one" and "record count" in out["relation_reason"]
+    assert out["headline"] == {"relation": "replace-one", "epsilon": out["clients"]["0"]["headline"]["epsilon"],
+                               "client": "0", "delta": DELTA, "unaccounted_clients": [],
+                               "add_remove_epsilon": out["clients"]["0"]["relations"]["add-remove"]["headline"][
+                                   "epsilon"]}
 
 
 # ------------------------------------------------------------------ calibration
@@ -268,3 +280,164 @@ def test_adaptive_clipping_needs_sigma_below_twice_the_count_noise():
     check_adaptive(spec, 3.99, 2.0)  # allowed
     fixed = PrivacySpec(mechanism="dp-sgd", noise_multiplier=5.0, clipping="fixed").validate()
     check_adaptive(fixed, 5.0, 2.0)  # the rule only binds adaptive clipping
+
+
+# ------------------------------------------------------------------ resources: every call finishes, PLD an upper bound
+@pytest.mark.parametrize("q, sigma, steps", [(0.5, 0.3, 10_000), (1.0, 0.3, 1000), (0.01, 0.3, 100_000)])
+def test_accounting_never_hangs_or_runs_out_of_memory(q, sigma, steps, capsys):
+    """Settings that once took gigabytes or minutes through the epsilon command (and the same code at the end of
+    a run): each finishes well within 30 s, both relations. PRV is skipped by its grid bound and says why, PLD
+    runs on a coarser grid and says which, and each headline is still an accountant's upper bound (the tightest
+    that ran)."""
+    started = time.perf_counter()
+    assert main(["epsilon", "--sampling-rate", str(q), "--noise-multiplier", str(sigma), "--steps", str(steps),
+                 "--delta", "1e-5", "--json"]) == 0
+    elapsed = time.perf_counter() - started
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+    both = json.loads(capsys.readouterr().out)
+    res = both["relations"]["add-remove"]
+    acc = res["accountants"]
+    assert acc["opacus_prv"]["epsilon"] is None and acc["opacus_prv"]["error"].startswith("not computed: its grid")
+    assert any(n.startswith("dp_accounting_pld: grid ") and "still an upper bound" in n for n in res["notes"])
+    assert any("opacus_prv not computed" in n for n in res["notes"])
+    values = {k: v["epsilon"] for k, v in acc.items() if v["epsilon"] is not None}
+    assert set(values) == {"opacus_rdp", "dp_accounting_rdp", "dp_accounting_pld"}
+    assert all(math.isfinite(v) and v > 0 for v in values.values())
+    assert res["headline"] == {"accountant": min(values, key=values.get), "epsilon": min(values.values())}
+    replace_one = both["relations"]["replace-one"]["accountants"]  # the headline relation: PLD and RDP both ran
+    assert all(math.isfinite(r["epsilon"]) for r in replace_one.values())
+    assert both["headline"]["epsilon"] == min(r["epsilon"] for r in replace_one.values())
+
+
+def _gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon of the Gaussian mechanism with sensitivity / noise = mu at delta (Balle and Wang 2018):
+    delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2), solved for eps in log space."""
+    def excess(eps):
+        return math.exp(special.log_ndtr(-eps / mu + mu / 2)) - math.exp(eps + special.log_ndtr(-eps / mu - mu / 2)) \
+            - delta
+    return optimize.brentq(excess, 0.0, mu * mu + 50 * mu, xtol=1e-12, rtol=1e-14)
+
+
+@pytest.mark.parametrize("relation", ["add-remove", "replace-one"])
+@pytest.mark.parametrize("sigma, steps", [(0.3, 1000), (2.0, 50)])
+@pytest.mark.parametrize("points", [None, 2 ** 12])
+def test_a_coarser_pld_grid_is_still_an_upper_bound_on_the_exact_epsilon(sigma, steps, points, relation,
+                                                                        monkeypatch):
+    """q = 1: T Gaussian steps are one Gaussian mechanism with mu = sqrt(T) / sigma (twice that under
+    replace-one: one record's clipped gradient swapped for the opposite one), whose epsilon is known exactly.
+    PLD on its default bounds and on a grid forced far coarser (2^12 points) never falls below it."""
+    if points:
+        monkeypatch.setattr(accountants, "PLD_POINTS", points)
+    exact = _gaussian_epsilon((2 if relation == "replace-one" else 1) * math.sqrt(steps) / sigma, DELTA)
+    eps, note = accountants.dp_accounting_pld([(sigma, 1.0, steps)], DELTA, relation)
+    assert eps >= exact * (1 - 1e-12), (eps, exact)
+    if points or sigma == 0.3:
+        assert note and note.startswith("grid ")
+    if note:
+        interval = float(note.split()[1])
+        assert eps <= exact + steps * interval  # pessimistic rounding costs at most one grid step per step
+    if not points:
+        assert eps == pytest.approx(exact, rel=1e-3)
+
+
+def test_a_coarser_subsampled_pld_stays_above_the_optimistic_estimate(monkeypatch):
+    """q < 1: dp-accounting's optimistic PLD (privacy buckets, rounding down) on the fine grid is below the true
+    epsilon; the pessimistic PLD on a grid forced coarse must stay above it."""
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+    sigma, q, steps = 2.0, 0.1, 500
+    optimistic = pld_lib.from_gaussian_mechanism(sigma, sampling_prob=q, pessimistic_estimate=False,
+                                                 use_connect_dots=False, value_discretization_interval=3e-4)
+    low = optimistic.self_compose(steps).get_epsilon_for_delta(DELTA)
+    fine, note = accountants.dp_accounting_pld([(sigma, q, steps)], DELTA)
+    monkeypatch.setattr(accountants, "PLD_POINTS", 2 ** 10)
+    coarse, coarse_note = accountants.dp_accounting_pld([(sigma, q, steps)], DELTA)
+    assert note is None and coarse_note.startswith("grid ")
+    assert low <= fine <= low * 1.02  # the two estimates bracket the true epsilon tightly
+    assert coarse >= low and coarse > fine
+
+
+def test_pld_and_prv_give_up_with_a_note_and_rdp_takes_over(monkeypatch):
+    """Nine different mechanisms are more than PLD discretizes (8); a PRV grid over its bound is not built."""
+    monkeypatch.setattr(accountants, "PRV_POINTS", 1000)
+    history = [(1.0 + i / 10, 0.01, 100) for i in range(9)]
+    res = epsilons(history, DELTA)
+    assert res["accountants"]["dp_accounting_pld"] == {
+        "epsilon": None, "error": "not computed: 9 different (sigma, q) to discretize (limit 8)"}
+    assert res["accountants"]["opacus_prv"]["error"].startswith("not computed: its grid would need")
+    assert res["headline"]["accountant"] in RDP
+    assert res["notes"] == ["opacus_prv and dp_accounting_pld not computed (see its error): the headline is the "
+                            "tightest of dp_accounting_rdp, opacus_rdp"]
+
+
+def test_identical_mechanisms_compose_as_one():
+    """A ledger lists one event per round; the accountants get each distinct mechanism once, steps summed."""
+    assert accounting.merged_history([(1.2, 0.05, 20), (0.9, 0.1, 0), (1.2, 0.05, 30), (1.0, 0.05, 5)]) == [
+        (1.2, 0.05, 50), (1.0, 0.05, 5)]
+
+
+# ------------------------------------------------------------------ both neighbouring relations
+def test_each_relation_has_its_own_accountants_and_the_headline_is_replace_one():
+    """Replace-one by dp-accounting's PLD with NeighboringRelation.REPLACE_ONE and by RDP through group privacy
+    (a looser upper bound); add/remove by all four. Each PLD is the number dp-accounting's own PLDAccountant
+    gives for that relation (our composition adds only the resource bounds, not hit here)."""
+    from dp_accounting import privacy_accountant
+    from dp_accounting.pld import pld_privacy_accountant
+
+    history = [(2.0, 0.05, 300)]
+    res = client_epsilons(history, DELTA)
+    assert list(res["relations"]) == list(RELATIONS) == ["replace-one", "add-remove"]
+    neighbours = {"replace-one": privacy_accountant.NeighboringRelation.REPLACE_ONE,
+                  "add-remove": privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE}
+    for relation, names in RELATIONS.items():
+        rel = res["relations"][relation]
+        assert rel["relation"] == relation and set(rel["accountants"]) == set(names)
+        assert all(r["error"] is None for r in rel["accountants"].values())
+        assert rel["flags"] == [] and rel["notes"] == []
+        acc = pld_privacy_accountant.PLDAccountant(neighbours[relation],
+                                                   value_discretization_interval=accountants.PLD_DISCRETIZATION)
+        acc.compose(accountants.dp_event_of(history))
+        assert rel["accountants"]["dp_accounting_pld"]["epsilon"] == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
+    replace_one, add_remove = res["relations"]["replace-one"], res["relations"]["add-remove"]
+    assert res["headline"] == {"relation": "replace-one", **replace_one["headline"]}
+    pld = replace_one["accountants"]["dp_accounting_pld"]["epsilon"]
+    assert replace_one["headline"]["accountant"] == "dp_accounting_pld"
+    assert replace_one["accountants"]["dp_accounting_rdp_replace_one"]["epsilon"] > pld
+    assert pld > add_remove["headline"]["epsilon"]  # swapping a record moves the sum further than adding one
+
+
+@pytest.mark.parametrize("sigma, steps", [(2.0, 50), (1.0, 10)])
+def test_replace_one_by_group_privacy_is_an_upper_bound(sigma, steps):
+    """q = 1, where replace-one epsilon is known exactly (mu = 2 sqrt(T) / sigma): RDP through group privacy
+    (Mironov 2017, Prop. 2) stays above it, as every accountant must."""
+    exact = _gaussian_epsilon(2 * math.sqrt(steps) / sigma, DELTA)
+    with accounting._quiet():
+        group = accountants.dp_accounting_rdp_replace_one([(sigma, 1.0, steps)], DELTA)
+    assert exact <= group < 3 * exact
+
+
+def test_without_pld_replace_one_falls_back_to_rdp_with_a_note(monkeypatch):
+    monkeypatch.setattr(accountants, "PLD_MECHANISMS", 0)
+    res = epsilons([(1.0, 0.01, 1000)], DELTA, "replace-one")
+    assert res["accountants"]["dp_accounting_pld"]["error"] == ("not computed: 1 different (sigma, q) to "
+                                                                "discretize (limit 0)")
+    assert res["headline"] == {"accountant": "dp_accounting_rdp_replace_one",
+                               "epsilon": res["accountants"]["dp_accounting_rdp_replace_one"]["epsilon"]}
+    assert res["notes"] == ["dp_accounting_pld not computed (see its error): the headline is the tightest of "
+                            "dp_accounting_rdp_replace_one"]
+    with pytest.raises(ConfigError, match="relation must be one of replace-one, add-remove"):
+        epsilons([(1.0, 0.01, 10)], DELTA, "swap")
+
+
+def test_privacy_blocks_written_before_both_relations_still_read():
+    """A run recorded before both relations (tests/data/run-v1: add/remove only) reads as add/remove, named so;
+    a block without a formal guarantee or an accounted client has no run epsilon."""
+    from pathlib import Path
+
+    old = json.loads((Path(__file__).with_name("data") / "run-v1" / "metrics.json").read_text())["privacy"]
+    top = run_epsilon(old)
+    values = {cid: c["headline"]["epsilon"] for cid, c in old["clients"].items()}
+    assert top == {"relation": "add-remove", "epsilon": max(values.values()), "client": max(values, key=values.get),
+                   "add_remove_epsilon": max(values.values()), "delta": old["delta"], "unaccounted_clients": []}
+    assert run_epsilon({"formal_guarantee": False, "clients": {}}) is None
+    assert run_epsilon({"formal_guarantee": True, "clients": {}, "unaccounted": {"0": "unreadable"}}) is None

@@ -406,6 +406,27 @@ def test_an_empty_poisson_batch_still_releases_noise(clipping, monkeypatch):
         assert trainer.clip_bound != before
 
 
+def test_an_empty_poisson_batch_moves_the_adaptive_bound_the_same_way_in_every_mode():
+    """Adaptive clipping on an empty batch: every mode releases the gradient noise and then the noisy count of
+    no record, and moves the bound by it. Same seed, same noise stream: the same bound in all four modes, the
+    one the rule gives for the count noise drawn right after the gradient noise (replayed here)."""
+    sigma, bound, std_count, target, lr = 1.3, 2.0, 1.0, 0.5, 0.2
+    after = {}
+    for mode in ("bk", "ghost", "hooks", "functorch"):
+        trainer = make_trainer(mode, "adaptive", sigma=sigma, bound=bound, n=100, q=0.25,
+                               unclipped_num_std=std_count, target_quantile=target, clipbound_lr=lr)
+        assert trainer.clip_bound == bound
+        trainer.step(torch.zeros(0, 1, 28, 28))
+        after[mode] = trainer.clip_bound
+    replay = torch.Generator().manual_seed(7)  # make_trainer's noise generator (seed 0 + 7)
+    for p in make_trainer("bk", "adaptive", sigma=sigma, bound=bound, unclipped_num_std=std_count).private_params:
+        torch.normal(0.0, 1.0, size=p.shape, generator=replay)  # what the gradient noise took from the stream
+    noise = float(torch.normal(0.0, std_count, size=(), generator=replay))
+    want = bound * math.exp(-lr * (noise / 25.0 + 0.5 - target))  # count of no record: noise / (q n) + 1/2
+    assert after == {mode: pytest.approx(want, rel=1e-6) for mode in after}, after
+    assert len(set(after.values())) == 1 and after["bk"] != bound
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.floats(0.05, 20), st.floats(0.01, 100))
 def test_adjusted_noise_multiplier_formula(sigma, std_count):

@@ -244,7 +244,8 @@ def test_cli_refuses_bad_privacy_with_one_line_and_no_run_directory(name, cli_ca
 def test_cli_epsilon_json_reports_four_accountants_and_a_headline(cli_cases, literal_processes, capsys):
     code, out, err = run_cli("eps-json", cli_cases, literal_processes, capsys)
     assert code == 0, err
-    result = json.loads(out)
+    both = json.loads(out)
+    result = both["relations"]["add-remove"]
     assert set(result["accountants"]) == set(ACCOUNTANTS)
     for name, r in result["accountants"].items():
         assert r["error"] is None and r["epsilon"] > 0, name
@@ -256,6 +257,10 @@ def test_cli_epsilon_json_reports_four_accountants_and_a_headline(cli_cases, lit
     for name in ACCOUNTANTS:
         assert result["accountants"][name]["epsilon"] == pytest.approx(direct["accountants"][name]["epsilon"],
                                                                        rel=1e-9)
+    # and the headline is replace-one's, named as such, with the reason
+    replace_one = both["relations"]["replace-one"]
+    assert both["headline"] == {"relation": "replace-one", **replace_one["headline"]}
+    assert replace_one["flags"] == [] and "record count" in both["relation_reason"]
 
 
 def test_cli_epsilon_ledger_on_a_directory_without_one_fails_with_one_line(cli_cases, literal_processes, capsys):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignfl_audit.accounting import ACCOUNTANTS, epsilons
+from alignfl_audit.accounting import ACCOUNTANTS, RELATIONS, client_epsilons, epsilons
 from alignfl_audit.cli import main as cli_main
 from alignfl_audit.config import from_dict
 from alignfl_audit.orchestrate import client_setups, load_data, new_ledger, run_experiment
@@ -130,7 +130,8 @@ def test_dp_run_metrics_report_every_accountant_within_the_target(dp_run):
     assert block["delta"] == DELTA and block["target_epsilon"] == TARGET_EPSILON
     ledger = read(path, "privacy_ledger.json")
     assert sorted(block["clients"]) == ["0", "1"]
-    for cid, res in block["clients"].items():
+    for cid, both in block["clients"].items():
+        res = both["relations"]["add-remove"]  # the relation sigma was calibrated under (Opacus)
         assert set(res["accountants"]) == set(ACCOUNTANTS)
         for name, r in res["accountants"].items():
             assert r["error"] is None and 0 < r["epsilon"] <= TARGET_EPSILON + EPSILON_TOLERANCE, (cid, name, r)
@@ -140,9 +141,19 @@ def test_dp_run_metrics_report_every_accountant_within_the_target(dp_run):
         # the numbers are a pure function of the ledger's events
         history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["events"]
                    if e["client"] == int(cid)]
-        assert res == epsilons(history, DELTA)
+        assert both == client_epsilons(history, DELTA)
         # calibrated for the whole participation: the calibration accountant (RDP) is close to the target
         assert res["accountants"]["opacus_rdp"]["epsilon"] >= TARGET_EPSILON - 0.05
+        # the headline is replace-one's: the record count travels in every upload
+        replace_one = both["relations"]["replace-one"]
+        assert both["headline"] == {"relation": "replace-one", **replace_one["headline"]}
+        assert replace_one["flags"] == [] and replace_one["headline"]["epsilon"] > res["headline"]["epsilon"]
+    assert block["relation"] == "replace-one" and "record count" in block["relation_reason"]
+    top = max(block["clients"], key=lambda c: block["clients"][c]["headline"]["epsilon"])
+    assert block["headline"]["client"] == top and block["headline"]["relation"] == "replace-one"
+    assert block["headline"]["epsilon"] == block["clients"][top]["headline"]["epsilon"]
+    assert block["headline"]["add_remove_epsilon"] == max(
+        c["relations"]["add-remove"]["headline"]["epsilon"] for c in block["clients"].values())
 
 
 def test_epsilon_cli_recomputes_metrics_from_the_ledger(dp_run, capsys):
@@ -154,9 +165,10 @@ def test_epsilon_cli_recomputes_metrics_from_the_ledger(dp_run, capsys):
     assert result["formal_guarantee"] is True
     assert result["clients"].keys() == block["clients"].keys()
     for cid, res in result["clients"].items():
-        for name in ACCOUNTANTS:
-            assert res["accountants"][name]["epsilon"] == pytest.approx(
-                block["clients"][cid]["accountants"][name]["epsilon"], rel=1e-9)
+        for relation, names in RELATIONS.items():
+            for name in names:
+                assert res["relations"][relation]["accountants"][name]["epsilon"] == pytest.approx(
+                    block["clients"][cid]["relations"][relation]["accountants"][name]["epsilon"], rel=1e-9)
         assert res["headline"]["accountant"] == block["clients"][cid]["headline"]["accountant"]
         assert res["headline"]["epsilon"] == pytest.approx(block["clients"][cid]["headline"]["epsilon"], rel=1e-9)
     # the human-readable form names each client's headline (printing only: the numbers were checked above)

@@ -155,9 +155,11 @@ def test_what_the_audit_could_have_seen_is_stated_beside_every_bound(pipeline_ru
     # an audit without canaries says that no proven bound was possible
     copy = tmp_path / "run"
     shutil.copytree(pipeline_run, copy)
+    from alignfl_audit.audit_summary import audit_summary
     from attacks.sensitivity import audit_sensitivity
     audit.update(canaries=None, empirical_epsilon_proven=None, empirical_epsilon_proven_ceiling=None,
                  sensitivity=audit_sensitivity(audit["mia"], audit["empirical_epsilon_detail"], None, 0.05))
+    audit["summary"] = audit_summary(audit)  # as the audit of a run without canaries writes it
     (copy / "audit.json").write_text(json.dumps(audit))
     assert main(["report", str(copy), "-o", str(tmp_path / "none.html")]) == 0
     html = (tmp_path / "none.html").read_text()
@@ -168,6 +170,7 @@ def test_what_the_audit_could_have_seen_is_stated_beside_every_bound(pipeline_ru
         del audit[key]
     for res in audit["empirical_epsilon_detail"]["per_attack"].values():
         del res["epsilon_ceiling"]
+    del audit["summary"]  # nor a summary: it is computed on reading
     audit["format"] = "alignfl-audit/2"
     (copy / "audit.json").write_text(json.dumps(audit))
     assert main(["report", str(copy), "-o", str(tmp_path / "old.html")]) == 0
@@ -191,6 +194,36 @@ def test_an_audit_with_the_earlier_single_verdict_is_rendered_and_said_to_be_old
     assert "audited by an earlier version (one verdict)" in _summary_row(html)
     assert "written by an earlier version, with one verdict that mixed memorisation" in html
     assert "not class-matched: audited by an earlier version" in html
+
+
+def test_the_report_shows_the_audits_summary_and_picks_nothing_itself(pipeline_run, tmp_path):
+    """The summary row and the frontier take the best attack and the bounds from audit.json's summary block; an
+    audit written before the block existed gets it from the same function on reading."""
+    from alignfl_audit.audit_summary import audit_summary
+
+    audit = json.loads((pipeline_run / "audit.json").read_text())
+    s = audit["summary"]
+    assert s == audit_summary({k: v for k, v in audit.items() if k != "summary"})  # what the audit wrote
+    best = max(audit["mia"], key=lambda name: audit["mia"][name]["auc"])
+    assert s["best_attack"]["name"] == best and s["best_attack"]["auc"] == audit["mia"][best]["auc"]
+    assert s["canary"]["at_ceiling"] == (audit["canaries"]["epsilon_lb"] >= audit["canaries"]["epsilon_ceiling"])
+    copy = tmp_path / "run"
+    shutil.copytree(pipeline_run, copy)
+    s["best_attack"].update(name="summary_pick", auc=0.777, auc_ci=[0.701, 0.802], tpr_at_1pct_fpr=0.333)
+    s["estimate"]["epsilon"] = 4.321
+    (copy / "audit.json").write_text(json.dumps(audit))
+    assert main(["report", str(copy), "-o", str(tmp_path / "summary.html")]) == 0
+    row = _summary_row((tmp_path / "summary.html").read_text())
+    assert "0.777 [0.701, 0.802]" in row and "summary pick" in row and "0.333" in row and "estimate 4.321" in row
+    # an audit of format 3 had none: the report gets it from the same function (rendered so in
+    # test_what_the_audit_could_have_seen_is_stated_beside_every_bound)
+    from reports.evidence import load_run
+    from reports.summary import audit_summary as report_summary
+
+    recorded = json.loads((pipeline_run / "audit.json").read_text())
+    (copy / "audit.json").write_text(json.dumps({**{k: v for k, v in recorded.items() if k != "summary"},
+                                                 "format": "alignfl-audit/3"}))
+    assert report_summary(load_run(copy)) == recorded["summary"]
 
 
 def test_outliers_without_controls_render_as_not_tested(tmp_path):

@@ -67,13 +67,18 @@ class AdaptiveRule(ClipRule):
         self.expected_batch_size = expected_batch_size
 
     def update(self, unclipped: int, batch_size: int, generator: torch.Generator | None) -> None:
-        noise = float(_generate_noise(std=self.unclipped_num_std, reference=torch.zeros(()), generator=generator))
-        self.current = self.next_bound(self.current, unclipped, batch_size, noise)
+        self.current = self.next_bound(self.current, unclipped, batch_size, count_noise(self.unclipped_num_std,
+                                                                                        generator))
 
     def next_bound(self, bound: float, unclipped: float, batch_size: int, noise: float) -> float:
         fraction = centered_fraction(unclipped, batch_size, noise, self.expected_batch_size)
         return min(max(bound * math.exp(-self.lr * (fraction - self.target_quantile)), self.min_bound),
                    self.max_bound)
+
+
+def count_noise(std: float, generator: torch.Generator | None) -> float:
+    """One draw of the unclipped count's Gaussian noise, from the stream of the gradient noise."""
+    return float(_generate_noise(std=std, reference=torch.zeros(()), generator=generator))
 
 
 def centered_fraction(unclipped: float, batch_size: int, noise: float, expected_batch_size: float) -> float:
@@ -90,6 +95,13 @@ class ExpectedBatchAdaClipDPOptimizer(AdaClipDPOptimizer):
         fraction = centered_fraction(float(self.unclipped_num), int(self.sample_size), 0.0, self.expected_batch_size)
         self.max_grad_norm *= math.exp(-self.clipbound_learning_rate * (fraction - self.target_unclipped_quantile))
         self.max_grad_norm = min(max(self.max_grad_norm, self.min_clipbound), self.max_clipbound)
+
+    def release_empty_batch_count(self, generator: torch.Generator | None) -> None:
+        """An empty Poisson batch releases its count too: noise alone, and the bound moves by it, exactly as
+        ``AdaptiveRule.update(0, 0, ...)`` does in the bk and ghost modes (skipping it would leak that the
+        batch was empty)."""
+        self.unclipped_num, self.sample_size = count_noise(self.unclipped_num_std, generator), 0
+        self.update_max_grad_norm()
 
 
 class MedianClipDPOptimizer(DPOptimizer):

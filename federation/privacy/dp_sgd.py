@@ -144,7 +144,8 @@ class DPTrainer:
         return vae_loss_per_sample(x, recon, mu, logvar, self.lambda_kl), z
 
     def _noise_only_step(self) -> None:
-        """An empty Poisson batch still releases a noisy update (skipping it would leak the batch size)."""
+        """An empty Poisson batch still releases a noisy update and, with adaptive clipping, a noisy count
+        that moves the bound, in every gradient mode alike (skipping either would leak the batch size)."""
         for p in self.private_params:
             p.grad = _generate_noise(std=self.noise_multiplier * self.clip_bound, reference=p,
                                      generator=self.noise_generator) / self.expected_batch
@@ -152,6 +153,8 @@ class DPTrainer:
         self.adam.zero_grad(set_to_none=True)
         if self.uses_rule:
             self.rule.update(0, 0, self.noise_generator)
+        elif isinstance(self.optimizer, ExpectedBatchAdaClipDPOptimizer):  # hooks / functorch, adaptive
+            self.optimizer.release_empty_batch_count(self.noise_generator)
 
     def step(self, x: torch.Tensor) -> float:
         with warnings.catch_warnings():

@@ -55,8 +55,8 @@ class PrivacySpec:
             return (f"{NO_GUARANTEE}: only the decoder is trained with DP-SGD, but its per-sample gradients "
                     "flow through a non-private encoder trained on every record")
         return ("(epsilon, delta)-DP per client for its shared uploads, from the recorded DP-SGD events "
-                "(record-level, add/remove; the client's record count is treated as public: it sets the "
-                "sampling rate q = B/n and travels in each upload)")
+                "(record-level; the headline is replace-one, since the client's record count n sets the sampling "
+                "rate q = B/n and travels in each upload; add/remove, with n treated as public, beside it)")
 
     def validate(self) -> "PrivacySpec":
         if self.mechanism not in MECHANISMS:

@@ -6,7 +6,7 @@ records, so a release of n tells the two apart with certainty: strictly, epsilon
 consistent with releasing n is replace-one (the same n, one record swapped for another), so the headline is
 replace-one. Add/remove, with n treated as public as Opacus and most tools do, is reported beside it.
 
-Which accountant computes which relation (``alignfl_audit.accountants``), each an upper bound on the true
+Which accountant computes which relation (``federation.privacy.accountants``), each an upper bound on the true
 epsilon of the Poisson-subsampled Gaussian mechanism:
 
     add-remove   Opacus RDP, Opacus PRV, dp-accounting RDP, dp-accounting PLD
@@ -16,8 +16,8 @@ epsilon of the Poisson-subsampled Gaussian mechanism:
 Per relation the headline is the tightest that succeeded. An accountant that fails, or that its bound on
 time and memory stops, is noted, not raised; the headline then comes from the others (RDP at the least).
 
-The noise is calibrated to ``privacy.target_epsilon`` under add/remove (Opacus), so the replace-one
-headline lies above that target.
+The noise is calibrated to ``privacy.target_epsilon`` under replace-one too (``federation.privacy.budget``),
+so the headline meets the target and the add/remove value lies below it.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import warnings
 
 from absl import logging as absl_logging
 
-from alignfl_audit import accountants
-from alignfl_audit.accountants import PRV_EPS_ERROR, ResourceLimit
+from federation.privacy import accountants
+from federation.privacy.accountants import PRV_EPS_ERROR, ResourceLimit, merged_history
 from federation.errors import ConfigError
 
 ACCOUNTANTS = ("opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_pld")  # add-remove
@@ -46,16 +46,6 @@ _FUNCS = {"opacus_rdp": accountants.opacus_rdp, "opacus_prv": accountants.opacus
 _REPLACE_ONE_FUNCS = {"dp_accounting_pld": lambda h, d: accountants.dp_accounting_pld(h, d, "replace-one"),
                       "dp_accounting_rdp_replace_one": accountants.dp_accounting_rdp_replace_one}
 _BY_RELATION = {"add-remove": _FUNCS, "replace-one": _REPLACE_ONE_FUNCS}
-
-
-def merged_history(history) -> list[tuple[float, float, int]]:
-    """The same composition with the steps of identical (sigma, q) summed, in order of first appearance:
-    a ledger lists every round, and composition does not depend on the order of the mechanisms."""
-    steps: dict[tuple[float, float], int] = {}
-    for sigma, q, n in history:
-        if n:
-            steps[(sigma, q)] = steps.get((sigma, q), 0) + n
-    return [(sigma, q, n) for (sigma, q), n in steps.items()]
 
 
 @contextlib.contextmanager

@@ -75,7 +75,7 @@ BAD = {
     "unknown-clipping": ({"clipping": "auto"}, "privacy.clipping must be one of"),
     "unknown-scope": ({"scope": "encoder"}, "privacy.scope must be one of"),
     "unknown-grad-mode": ({"grad_sample_mode": "jit"}, "privacy.grad_sample_mode must be one of"),
-    "unknown-calibration": ({"calibration_accountant": "pld"}, "privacy.calibration_accountant must be rdp or prv"),
+    "unknown-calibration": ({"calibration_accountant": "prv"}, "privacy.calibration_accountant must be pld or rdp"),
     "delta-not-a-number": ({"delta": "tiny"}, "privacy.delta must be a number, got 'tiny'"),
     "epsilon-bool": ({"target_epsilon": True}, "privacy.target_epsilon must be a number"),
     "unknown-privacy-key": ({"epsilon": 3.0}, "unknown key epsilon in privacy"),

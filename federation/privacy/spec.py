@@ -31,7 +31,7 @@ class PrivacySpec:
     max_clipbound: float = 1e3
     unclipped_num_std: typing.Optional[float] = None  # default: expected batch size / 20 (Andrew et al.)
     grad_sample_mode: str = "auto"  # resolved per client by DPTrainer (DPTrainer.mode, the ledger)
-    calibration_accountant: str = "rdp"
+    calibration_accountant: str = "pld"  # replace-one upper bound for calibration and the budget stop (budget.py)
     # LCD-VAE
     lcd_lambda: float = 1.0
 
@@ -72,8 +72,9 @@ class PrivacySpec:
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ConfigError(f"privacy.grad_sample_mode must be one of {list(GRAD_SAMPLE_MODES)}, "
                               f"not {self.grad_sample_mode!r}")
-        if self.calibration_accountant not in ("rdp", "prv"):
-            raise ConfigError("privacy.calibration_accountant must be rdp or prv")
+        if self.calibration_accountant not in ("pld", "rdp"):
+            raise ConfigError("privacy.calibration_accountant must be pld or rdp (the budget is held under replace-one, "
+                              f"which these bound), not {self.calibration_accountant!r}")
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ConfigError("dp-sgd needs exactly one of privacy.target_epsilon and privacy.noise_multiplier")
         if self.target_epsilon is not None and not self.target_epsilon > 0:

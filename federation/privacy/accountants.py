@@ -1,7 +1,7 @@
 """The accountants, each a function of (history, delta) bounded in time and memory.
 
 A history is a list of (noise multiplier, sampling rate, steps) of the Poisson-subsampled Gaussian
-mechanism, each (sigma, q) once (``accounting.merged_history``). Every function returns an upper bound on
+mechanism, each (sigma, q) once (``merged_history``). Every function returns an upper bound on
 epsilon under one neighbouring relation (``accounting.RELATIONS`` says which function serves which):
 
 - ``opacus_rdp``, ``opacus_prv``: Opacus's RDP and PRV accountants, add/remove only.
@@ -55,6 +55,16 @@ _NEIGHBOURS = {"add-remove": privacy_loss_distribution.NeighborRel.ADD_OR_REMOVE
 
 class ResourceLimit(Exception):
     """An accountant would exceed its bound on time and memory: not computed."""
+
+
+def merged_history(history) -> list[tuple[float, float, int]]:
+    """The same composition with the steps of identical (sigma, q) summed, in order of first appearance:
+    a ledger lists every round, and composition does not depend on the order of the mechanisms."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        if n:
+            steps[(sigma, q)] = steps.get((sigma, q), 0) + n
+    return [(sigma, q, n) for (sigma, q), n in steps.items()]
 
 
 def opacus_rdp(history, delta: float) -> float:
@@ -129,9 +139,10 @@ def _pld_build(history, relation: str, interval: float) -> tuple[list, int]:
     return plds, sum(_pld_points(pld, steps) for pld, steps in plds)
 
 
-def dp_accounting_pld(history, delta: float, relation: str = "add-remove") -> tuple[float, str | None]:
-    """dp-accounting's pessimistic PLD of the composition, on the finest grid within the resource bounds;
-    (epsilon, a note when the grid had to be coarser than PLD_DISCRETIZATION).
+def dp_accounting_pld(history, delta: float, relation: str = "add-remove",
+                      finest: float = PLD_DISCRETIZATION) -> tuple[float, str | None]:
+    """dp-accounting's pessimistic PLD of the composition, on the finest grid within the resource bounds
+    (``finest`` at the most); (epsilon, a note when the grid had to be coarser than ``finest``).
 
     A probe on a coarse grid (PLD_PROBE_POINTS per step, cheap) measures how wide the composed privacy loss
     is; the grid is then the finest that keeps every step within PLD_STEP_POINTS and the composition within
@@ -139,7 +150,7 @@ def dp_accounting_pld(history, delta: float, relation: str = "add-remove") -> tu
     if len(history) > PLD_MECHANISMS:
         raise ResourceLimit(f"{len(history)} different (sigma, q) to discretize (limit {PLD_MECHANISMS})")
     span = _pld_loss_span(history, relation)
-    interval = max(PLD_DISCRETIZATION, span / PLD_STEP_POINTS)
+    interval = max(finest, span / PLD_STEP_POINTS)
     probe = max(interval, span / PLD_PROBE_POINTS)
     interval = max(interval, _pld_build(history, relation, probe)[1] * probe / PLD_POINTS)
     for _ in range(_PLD_ATTEMPTS):
@@ -155,7 +166,7 @@ def dp_accounting_pld(history, delta: float, relation: str = "add-remove") -> tu
         part = pld.self_compose(steps, tail_mass_truncation=PLD_TAIL_MASS)
         composed = part if composed is None else composed.compose(part, tail_mass_truncation=PLD_TAIL_MASS)
     note = None
-    if interval > PLD_DISCRETIZATION:
-        note = (f"grid {interval:.3g} instead of {PLD_DISCRETIZATION:g}, to stay within {PLD_POINTS} points "
+    if interval > finest:
+        note = (f"grid {interval:.3g} instead of {finest:g}, to stay within {PLD_POINTS} points "
                 "(pessimistic rounding: still an upper bound, a looser one)")
     return float(composed.get_epsilon_for_delta(delta)), note

@@ -96,6 +96,12 @@ def _real_records(count: int, seed: int, data_root) -> torch.Tensor:
     return to_tensor(split.images[np.sort(pick)])
 
 
+def _per_reading(sums: np.ndarray, canaries: np.ndarray, steps: int) -> float | None:
+    """Mean over the chosen canaries and the steps, from per-canary sums over the steps."""
+    n = int(canaries.sum()) * steps
+    return float(sums[canaries].sum() / n) if n else None
+
+
 def run_self_audit(target_epsilon: float, delta: float = 1e-5, recipe: SelfAuditRecipe | None = None,
                    seed: int = 0, data_root=None, fault: str | None = None) -> dict:
     """Train one audited client through ``DPTrainer`` and audit it; returns the JSON-ready result.
@@ -140,7 +146,7 @@ def run_self_audit(target_epsilon: float, delta: float = 1e-5, recipe: SelfAudit
     accounting = epsilons([(plan.noise_multiplier, plan.sample_rate, steps)], delta)
     headline = accounting["headline"]
     out = ~included
-    observed_sigma = math.sqrt(float(auditor.squares[out].sum()) / (out.sum() * steps))
+    observed_sigma = _per_reading(auditor.squares, out, steps)
     return {
         "format": FORMAT,
         "target_epsilon": target_epsilon, "delta": delta,
@@ -158,9 +164,9 @@ def run_self_audit(target_epsilon: float, delta: float = 1e-5, recipe: SelfAudit
         "records": recipe.records, "planned_records": n_plan,
         "steps": steps, "sampling_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
         "gradient_noise_multiplier": grad_sigma, "unclipped_num_std": plan.unclipped_num_std,
-        "observed_noise_multiplier": observed_sigma,
-        "mean_reading_included": float(auditor.readings[included].sum() / (included.sum() * steps)),
-        "mean_reading_excluded": float(auditor.readings[out].sum() / (out.sum() * steps)),
+        "observed_noise_multiplier": None if observed_sigma is None else math.sqrt(observed_sigma),
+        "mean_reading_included": _per_reading(auditor.readings, included, steps),
+        "mean_reading_excluded": _per_reading(auditor.readings, out, steps),
         "clipping": spec.clipping, "grad_sample_mode": trainer.mode,
         "clip_bound_start": bound_start, "clip_bound_end": trainer.clip_bound,
         "clip_bound_min": min(auditor.bounds), "clip_bound_max": max(auditor.bounds),
@@ -177,6 +183,7 @@ def describe(res: dict) -> str:
     verdict = ("FLAGGED: epsilon_lb exceeds the accountant's epsilon; the DP-SGD code (or its accounting) leaks "
                "more than it claims" if res["flagged"] else "not flagged: epsilon_lb <= the accountant's epsilon")
     fault = f" [test-only fault: {res['fault']}]" if res["fault"] else ""
+    noise = "n/a" if res["observed_noise_multiplier"] is None else f"{res['observed_noise_multiplier']:.4g}"
     return "\n".join([
         f"self-audit of DP-SGD ({res['grad_sample_mode']}, {res['clipping']} clipping){fault}: target epsilon "
         f"{res['target_epsilon']:g}, delta {res['delta']:g}",
@@ -184,11 +191,12 @@ def describe(res: dict) -> str:
         f"{res['steps']} steps at sampling rate {res['sampling_rate']:.4g}, noise multiplier "
         f"{res['noise_multiplier']:.4g} (gradient {res['gradient_noise_multiplier']:.4g}), clip bound "
         f"{res['clip_bound_start']:.4g} -> {res['clip_bound_end']:.4g}",
-        f"  epsilon_lb = {res['epsilon_lb']:.3f} ({res['v']} of {res['r']} "in" guesses right, {1 - res['beta']:.0%} "
+        f"  epsilon_lb = {res['epsilon_lb']:.3f} ({res['v']} of {res['r']} 'in' guesses right, {1 - res['beta']:.0%} "
         f"confidence; the most these guesses could show: {res['epsilon_ceiling']:.3f})",
-        f"  ideal auditor against the Gaussian mechanism: {res['ideal_epsilon_lb']:.3f} ({res['ideal_statistic']}; "
-        f"10-90%: {res['ideal_epsilon_lb_p10']:.3f}-{res['ideal_epsilon_lb_p90']:.3f}); ratio {ratio}",
+        f"  ideal auditor against the Gaussian mechanism (same m, r, q, sigma, steps): {res['ideal_epsilon_lb']:.3f}, "
+        f"median of {res['recipe']['repeats']} simulated runs (10-90%: {res['ideal_epsilon_lb_p10']:.3f}-"
+        f"{res['ideal_epsilon_lb_p90']:.3f}); ratio {ratio}",
         f"  accountant epsilon = {res['accountant_epsilon']:.3f} ({res['accountant']}): {verdict}",
-        f"  noise read on excluded canaries' coordinates: {res['observed_noise_multiplier']:.4g} x clip bound "
+        f"  noise read on excluded canaries' coordinates: {noise} x clip bound "
         f"(claimed {res['gradient_noise_multiplier']:.4g}); wall time {res['seconds']['total']:.0f} s",
     ])

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from alignfl_audit.cli import main
 from alignfl_audit.config import load_config
 from alignfl_audit.self_audit import SelfAuditRecipe, run_self_audit
 from attacks.dirac_canaries import DiracCanaryVAE, canary_coordinates, canary_images
-from conftest import PROJECT_ROOT
+from conftest import tiny_config
 from federation.errors import ConfigError
 from federation.models import vae_loss_per_sample
 from federation.privacy.dp_sgd import DPTrainer, make_plan
@@ -73,14 +74,17 @@ def test_dirac_canary_gradient_is_one_probe_coordinate():
 
 
 def test_fault_cannot_come_from_a_config(tmp_path):
-    config = PROJECT_ROOT / "configs" / "positive-control-dpsgd.yaml"
+    config = tmp_path / "dp.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(privacy={"mechanism": "dp-sgd", "target_epsilon": 2.0})))
+    load_config(config)  # the config itself is valid
     with pytest.raises(ConfigError, match="privacy.fault is a test-only switch") as err:
         load_config(config, {"privacy.fault": "unclipped"})
     assert "\n" not in str(err.value)
-    text = config.read_text().replace("clipping: fixed,", "clipping: fixed, fault: noise-quartered,")
-    (tmp_path / "broken.yaml").write_text(text)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(tiny_config(privacy={"mechanism": "dp-sgd", "target_epsilon": 2.0,
+                                                          "fault": "noise-quartered"})))
     with pytest.raises(ConfigError, match="privacy.fault is a test-only switch"):
-        load_config(tmp_path / "broken.yaml")
+        load_config(broken)
 
 
 def test_fault_is_refused_outside_bk_or_unknown():

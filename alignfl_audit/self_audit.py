@@ -126,8 +126,9 @@ def run_self_audit(target_epsilon: float, delta: float = 1e-5, recipe: SelfAudit
     data = torch.cat([_real_records(recipe.records, seed, data_root), canary_images(m)[torch.as_tensor(included)]])
 
     model = DiracCanaryVAE(recipe.model, seeded_generator(seed, CLIENT_INIT, 0), m)
-    trainer = DPTrainer(model, spec, plan, recipe.lr, recipe.lambda_kl, n_plan, seeded_generator(seed, CLIENT_TRAIN, 0, 0),
-                        seeded_generator(seed, CLIENT_DP_NOISE, 0, 0), fault=fault)
+    trainer = DPTrainer(model, spec, plan, recipe.lr, recipe.lambda_kl, n_plan,
+                        seeded_generator(seed, CLIENT_TRAIN, 0, 0), seeded_generator(seed, CLIENT_DP_NOISE, 0, 0),
+                        fault=fault)
     auditor = WhiteBoxAuditor(trainer, model, at_bound, plan.sample_rate, grad_sigma,
                               over_norm=10.0 * spec.max_clipbound)
     bound_start = trainer.clip_bound
@@ -143,7 +144,8 @@ def run_self_audit(target_epsilon: float, delta: float = 1e-5, recipe: SelfAudit
     ideal = ideal_epsilon_lb(sim, k, seed)
     simulated = time.perf_counter()
 
-    accounting = epsilons([(plan.noise_multiplier, plan.sample_rate, steps)], delta)
+    # add/remove: the canaries' game, and nothing the client does depends on how many were drawn in
+    accounting = epsilons([(plan.noise_multiplier, plan.sample_rate, steps)], delta, relation="add-remove")
     headline = accounting["headline"]
     out = ~included
     observed_sigma = _per_reading(auditor.squares, out, steps)
@@ -152,6 +154,8 @@ def run_self_audit(target_epsilon: float, delta: float = 1e-5, recipe: SelfAudit
         "target_epsilon": target_epsilon, "delta": delta,
         "epsilon_lb": bound["epsilon_lb"],
         "accountant_epsilon": headline["epsilon"], "accountant": headline["accountant"],
+        "accountant_relation": "add-remove (a canary is drawn in or not; the sampling rate and the expected "
+                               "batch size are planned from records + m/2, whatever was drawn)",
         "ideal_epsilon_lb": ideal["median"],
         "ideal_epsilon_lb_p10": ideal["p10"], "ideal_epsilon_lb_p90": ideal["p90"],
         "ideal_statistic": ideal["statistic"] + " of the Gaussian mechanism (same m, r, q, sigma, steps)",

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attacks.empirical_epsilon import _largest_rejected
+from attacks.empirical_epsilon import one_run_bound
 from federation.errors import ConfigError
 
 # candidate numbers of "in" guesses, as fractions of m
@@ -110,9 +110,11 @@ def choose_guesses(sim: SimulationSettings, seed: int) -> int:
     ks = guess_candidates(sim.m)
     correct = np.empty((sim.selection_repeats, len(ks)), dtype=int)
     for i in range(sim.selection_repeats):
-        correct[i] = _correct_counts(*simulate_scores(sim.m, sim.sampling_rate, sim.noise_multiplier, sim.steps, rng), ks)
+        scores, included = simulate_scores(sim.m, sim.sampling_rate, sim.noise_multiplier, sim.steps, rng)
+        correct[i] = _correct_counts(scores, included, ks)
     median = np.sort(correct, axis=0)[(sim.selection_repeats - 1) // 2]
-    return ks[int(np.argmax([_largest_rejected(sim.m, k, int(v), sim.delta, sim.beta) for k, v in zip(ks, median)]))]
+    bounds = [one_run_bound(sim.m, k, int(v), sim.delta, sim.beta)["epsilon_lb"] for k, v in zip(ks, median)]
+    return ks[int(np.argmax(bounds))]
 
 
 def ideal_epsilon_lb(sim: SimulationSettings, k: int, seed: int) -> dict:
@@ -125,7 +127,7 @@ def ideal_epsilon_lb(sim: SimulationSettings, k: int, seed: int) -> dict:
     for _ in range(sim.repeats):
         scores, included = simulate_scores(sim.m, sim.sampling_rate, sim.noise_multiplier, sim.steps, rng)
         correct.append(int(_correct_counts(scores, included, [k])[0]))
-    bound = {v: _largest_rejected(sim.m, k, v, sim.delta, sim.beta) for v in set(correct)}
+    bound = {v: one_run_bound(sim.m, k, v, sim.delta, sim.beta)["epsilon_lb"] for v in set(correct)}
     values = np.asarray([bound[v] for v in correct])
     return {"median": float(np.median(values)), "p10": float(np.percentile(values, 10)),
             "p90": float(np.percentile(values, 90)), "repeats": int(values.size),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from alignfl_audit.self_audit_cli import add_self_audit
 from federation import run_layout as layout
 from federation.errors import FederationError
 
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  alignfl-audit audit RUN_DIR                                attack a finished run's shared decoders\n"
                "  alignfl-audit empirical-epsilon --member-scores IN.npy --nonmember-scores OUT.npy --delta 1e-5\n"
                "  alignfl-audit canary-bound --canaries 200 --guesses 80 --correct 80 --delta 1e-5\n"
+               "  alignfl-audit self-audit --epsilon 2                       audit the DP-SGD code itself\n"
                "'alignfl-audit COMMAND --help' describes each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
@@ -408,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--alpha", type=float, default=0.05, metavar="A", help="1 - confidence (default 0.05)")
     cb.add_argument("--json", action="store_true", help="print JSON")
     cb.set_defaults(func=_canary_bound)
+    add_self_audit(sub)
     return parser
 
 

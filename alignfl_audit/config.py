@@ -22,7 +22,7 @@ from federation.data.sources import OTHER_DATASET, check_dataset_name
 from federation.errors import ConfigError, DataError
 from federation.models import normalize_spec
 from federation.engines import ENGINES, engine_settings_class
-from federation.privacy.spec import PrivacySpec
+from federation.privacy.spec import FAULT_KEY, PrivacySpec
 from federation.strategies import STRATEGIES, strategy_class
 from federation.strategies.alignfl import AlignFLServerSettings, AlignFLSettings
 from federation.engines.inprocess import InProcessSettings
@@ -310,6 +310,9 @@ def from_dict(data: dict) -> ExperimentConfig:
     data = dict(data)
     if data.pop("format", CONFIG_FORMAT) != CONFIG_FORMAT:
         raise ConfigError(f"this config was written in another format; this version reads {CONFIG_FORMAT}")
+    if isinstance(data.get("privacy"), dict) and FAULT_KEY in data["privacy"]:
+        raise ConfigError(f"privacy.{FAULT_KEY} is a test-only switch that breaks DP-SGD on purpose (for the "
+                          "self-audit's tests); no config can set it")
     raw_strategy, raw_server, raw_engine = data.pop("strategy", None), data.pop("server", None), data.pop("engine", None)
     cfg = _build(ExperimentConfig, data, "")
     cls = strategy_class(_tagged(raw_strategy, "strategy", "alignfl", list(STRATEGIES)))

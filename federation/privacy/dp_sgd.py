@@ -35,7 +35,7 @@ from federation.models import VAE, vae_loss_per_sample
 from federation.privacy.bookkeeping import LinearBookkeeper, resolve_grad_sample_mode
 from federation.privacy.clipping import (AdaptiveRule, ClipRule, ExpectedBatchAdaClipDPOptimizer, MedianClipDPOptimizer,
                                          MedianRule, adjusted_noise_multiplier)
-from federation.privacy.spec import PrivacySpec
+from federation.privacy.spec import TEST_ONLY_FAULTS, PrivacySpec
 
 
 @dataclass
@@ -57,8 +57,11 @@ def make_plan(spec: PrivacySpec, n: int, batch_size: int, noise_multiplier: floa
 
 
 class DPTrainer:
+    """``fault``: a test-only breakage (``federation.privacy.spec.TEST_ONLY_FAULTS``, book-keeping mode
+    only) for the self-audit's tests; never set from a config."""
+
     def __init__(self, vae: VAE, spec: PrivacySpec, plan: DPPlan, lr: float, lambda_kl: float, n: int,
-                 generator: torch.Generator, noise_generator: torch.Generator):
+                 generator: torch.Generator, noise_generator: torch.Generator, fault: str | None = None):
         self.vae, self.spec, self.plan = vae, spec, plan
         self.lambda_kl = lambda_kl
         self.n = n
@@ -68,6 +71,10 @@ class DPTrainer:
         target = vae if spec.scope == "full" else vae.decoder
         self.private_params = [p for p in target.parameters() if p.requires_grad]
         self.mode = resolve_grad_sample_mode(spec, target)
+        if fault is not None and (fault not in TEST_ONLY_FAULTS or self.mode != "bk"):
+            raise ValueError(f"fault must be one of {TEST_ONLY_FAULTS}, in bk mode only; got {fault!r} in {self.mode}")
+        self.fault = fault
+        self._noise_factor = 0.25 if fault == "noise-quartered" else 1.0
         self.uses_rule = self.mode in ("ghost", "bk")  # the bound is chosen by self.rule, not by Opacus
         sigma = plan.noise_multiplier
         # the gradient noise multiplier: reduced for the adaptive rule's count release (Andrew et al.)
@@ -147,7 +154,7 @@ class DPTrainer:
         """An empty Poisson batch still releases a noisy update and, with adaptive clipping, a noisy count
         that moves the bound, in every gradient mode alike (skipping either would leak the batch size)."""
         for p in self.private_params:
-            p.grad = _generate_noise(std=self.noise_multiplier * self.clip_bound, reference=p,
+            p.grad = _generate_noise(std=self._noise_factor * self.noise_multiplier * self.clip_bound, reference=p,
                                      generator=self.noise_generator) / self.expected_batch
         self.adam.step()
         self.adam.zero_grad(set_to_none=True)
@@ -223,9 +230,11 @@ class DPTrainer:
             norms = norms.masked_fill(~finite, float("inf"))
         bound = self.rule.bound(norms[finite]) if self.rule.mode == "median-nonprivate" else self.rule.bound(norms)
         coeff = (bound / (norms + 1e-6)).clamp(max=1.0).masked_fill(~finite, 0.0)
+        if self.fault == "unclipped":
+            coeff = finite.to(coeff.dtype)
         summed = self.bookkeeper.clipped_sums(backprops, coeff)
         del backprops
-        std = self.noise_multiplier * bound
+        std = self._noise_factor * self.noise_multiplier * bound
         for p in self.private_params:  # noise sigma*C on the clipped sum, divided by the expected batch size
             grad = summed.pop(p)
             grad.add_(_generate_noise(std=std, reference=grad, generator=self.noise_generator))

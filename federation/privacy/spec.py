@@ -14,6 +14,12 @@ GRAD_SAMPLE_MODES = ("auto", "bk", "ghost", "hooks", "functorch")
 
 NO_GUARANTEE = "no formal DP guarantee"
 
+# Deliberate breakages of DP-SGD that only tests reach (``DPTrainer(..., fault=...)``), to show that the
+# self-audit catches a broken mechanism: gradient noise at a quarter of its scale, or no clipping. No
+# config can set them (``alignfl_audit.config`` refuses the key).
+FAULT_KEY = "fault"
+TEST_ONLY_FAULTS = ("noise-quartered", "unclipped")
+
 
 @dataclass
 class PrivacySpec:

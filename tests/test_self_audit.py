@@ -44,7 +44,10 @@ def test_sound_mechanism_is_not_flagged(sound):
 def test_broken_mechanism_is_caught(fault, sound):
     res = run_self_audit(2.0, 1e-5, SMALL, fault=fault)
     assert res["accountant_epsilon"] == sound["accountant_epsilon"]  # same claim, broken code
-    assert res["epsilon_lb"] > res["accountant_epsilon"] and res["epsilon_lb"] > res["target_epsilon"]
+    # the canary game is add/remove (canaries are in or out, no count released): the broken code's proven
+    # lower bound exceeds the add/remove epsilon it claims. (The target is a replace-one figure since sigma is
+    # calibrated under replace-one, so it is not the game's relation.)
+    assert res["epsilon_lb"] > res["accountant_epsilon"]
     assert res["flagged"]
     if fault == "noise-quartered":
         assert res["observed_noise_multiplier"] == pytest.approx(res["gradient_noise_multiplier"] / 4, rel=0.02)

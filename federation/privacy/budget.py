@@ -18,6 +18,8 @@ Both are upper bounds on the true replace-one epsilon, so a calibrated plan meet
 """
 from __future__ import annotations
 
+import functools
+
 from federation.errors import ConfigError
 from federation.privacy import accountants
 from federation.privacy.spec import PrivacySpec
@@ -30,9 +32,15 @@ _BISECTIONS = 80
 
 def replace_one_epsilon(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
     """An upper bound on the replace-one epsilon of ``history`` ((sigma, q, steps) triples)."""
-    merged = accountants.merged_history(history)
+    return _replace_one(accountant, tuple(accountants.merged_history(history)), delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _replace_one(accountant: str, merged: tuple, delta: float) -> float:
+    """Cached per composition: the budget stop asks again each round for the same merged history."""
     if not merged:
         return 0.0
+    merged = list(merged)
     if accountant == "pld":
         try:
             return accountants.dp_accounting_pld(merged, delta, "replace-one", finest=CALIBRATION_GRID)[0]

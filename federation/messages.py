@@ -72,6 +72,17 @@ def register_payload_kind(kind: str, expected: Callable[[dict], dict[str, torch.
 for _kind in (HYPERNETWORK_KIND, UPDATE_KIND):  # FedHypeVAE: the hypernetwork down, a client's update up
     register_payload_kind(_kind, hypernetwork_tensors, normalize_hyper_spec, extras=False)
 
+# what a message of each kind is, in words (``alignfl-audit inspect-upload``)
+KIND_DESCRIPTIONS = {
+    "decoder": "a client's decoder (ALIGN-FL): the weights the server decodes synthetic data from",
+    "vae": "a whole VAE, encoder included (FedAvg/FedProx)",
+    "empty": "no tensors: an instruction to train, or a reply that shares nothing",
+    HYPERNETWORK_KIND: "FedHypeVAE's shared hypernetwork: it generates a decoder and class prior from a code; "
+                       "no code and no encoder are in it",
+    UPDATE_KIND: "a FedHypeVAE client's hypernetwork update (trained minus received hypernetwork), nothing else: "
+                 "its private code, its encoder and its generated decoder stay on the client",
+}
+
 
 # ------------------------------------------------------------------------------------------ types
 @dataclass

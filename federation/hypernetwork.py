@@ -28,7 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from federation.errors import ConfigError
-from federation.models import IMAGE_SHAPE, PIXELS, _int_list, _positive_int, _materialize
+from federation.models import (IMAGE_SHAPE, PIXELS, _int_list, _materialize, _positive_int, build_decoder, load_decoder,
+                               normalize_spec)
 from federation.rng import CODE_ANCHOR, seeded_generator
 
 ARCH = "film-hypernetwork"
@@ -113,6 +114,35 @@ class FiLMHypernetwork(nn.Module):
             total = total + (layer.weight.pow(2).sum(1) * j_gain.pow(2).sum(1)).sum()
             total = total + (layer.bias.unsqueeze(1) * j_gain + j_shift).pow(2).sum()
         return total
+
+
+def decoder_spec(spec: dict) -> dict:
+    """The plain ``mlp`` decoder spec a generated decoder materializes to (``generated_decoder``)."""
+    return normalize_spec({"arch": "mlp", "latent_dim": spec["latent_dim"], "hidden": list(spec["hidden"])})
+
+
+@torch.no_grad()
+def generated_decoder(hyper: FiLMHypernetwork, code: torch.Tensor, label: int) -> nn.Module:
+    """The decoder the hypernetwork generates for ``code`` and class ``label``, as a plain ``mlp`` decoder
+    u -> image with prior N(0, I): the label's column of the first layer and the class prior's mean m_y(c)
+    are folded into the first bias (z = u + m_y(c)), every gain and shift into the layers. It computes
+    exactly ``hyper.decode(u + m_y(c), onehot(y), ...)``."""
+    gains, shifts, means = hyper.generate(code.view(1, -1).to(hyper.trunk.weight.dtype))
+    d = hyper.spec["latent_dim"]
+    state = {}
+    linears = [i for i, m in enumerate(build_decoder(decoder_spec(hyper.spec), None)) if isinstance(m, nn.Linear)]
+    for l, (index, layer) in enumerate(zip(linears, hyper.base)):
+        scale = 1 + gains[l][0]
+        weight, bias = layer.weight, layer.bias
+        if l == 0:
+            bias = bias + weight[:, d + label] + weight[:, :d] @ means[0, label]
+            weight = weight[:, :d]
+        state[f"{index}.weight"] = (scale.unsqueeze(1) * weight).clone()
+        state[f"{index}.bias"] = (scale * bias + shifts[l][0]).clone()
+    decoder = load_decoder(decoder_spec(hyper.spec), state)
+    decoder.eval()
+    decoder.requires_grad_(False)
+    return decoder
 
 
 def hypernetwork_tensors(spec: dict) -> dict[str, torch.Tensor]:

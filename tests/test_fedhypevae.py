@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -478,3 +479,89 @@ def test_the_flower_apps_give_the_in_process_result(dp_run, tmp_path):
     flower_app._server_main(LoopbackGrid({201: 1, 202: 0}), server)
     _same_files(dp_run, run.path)
     assert json.loads((run.path / "metrics.json").read_text())["engine"]["name"] == "flower"
+
+
+# ------------------------------------------------------------------------------------ the audit
+def _small_hyper(seed: int = 9):
+    cfg = from_dict(HV)
+    return FiLMHypernetwork(hyper_spec(cfg.strategy, cfg.client_specs()[0]), seeded_generator(0, seed))
+
+
+def test_a_generated_decoder_is_the_hypernetworks_decoder_as_a_plain_mlp():
+    from federation.hypernetwork import generated_decoder
+
+    hyper, code, u = _small_hyper(), torch.randn(4, generator=seeded_generator(0, 10)), torch.randn(5, 2)
+    gains, shifts, means = hyper.generate(code.view(1, -1))
+    for y in (0, 7):
+        expected = hyper.decode(u + means[0, y], onehot(torch.full((5,), y)), gains, shifts)
+        decoder = generated_decoder(hyper, code, y)
+        assert all(type(m) in (torch.nn.Linear, torch.nn.ReLU, torch.nn.Sigmoid, torch.nn.Unflatten) for m in decoder)
+        assert torch.allclose(decoder(u), expected, atol=1e-6)
+
+
+def test_the_code_search_moves_from_the_anchor_towards_the_code_that_made_the_records():
+    from attacks.hyper_code import search_code
+    from federation.hypernetwork import synthesize
+
+    hyper = _small_hyper()
+    hyper.requires_grad_(False)
+    true_code = torch.randn(4, generator=seeded_generator(0, 11))
+    x, y = synthesize(hyper, true_code.view(1, -1), [[40] * 3], [0, 1, 2], seeded_generator(0, 12))
+    anchor = true_code + 0.8 * torch.nn.functional.normalize(torch.randn(4, generator=seeded_generator(0, 13)), dim=0)
+    found = search_code(hyper, anchor, x, y.numpy(), seeded_generator(0, 14), lam=0.01, init=256, steps=150,
+                        anchor_weight=0.0)
+    assert (found - true_code).norm() < 0.5 * (anchor - true_code).norm()
+
+
+def test_update_alignment_is_the_cosine_of_each_records_gradient_with_the_update():
+    """Against explicit per-record autograd, with an update that is one gradient step on the members' latent-fit
+    losses: the book-kept cosines are exact, and members score above non-members on average."""
+    from attacks.hyper_code import GeneratedDecoders, fit_by_class, update_alignment
+    from attacks.shared_artifacts import SharedDecoder
+    from federation.data.sources import load_split, resolve_source
+    from federation.training import to_tensor
+
+    start = _small_hyper()
+    code = torch.randn(4, generator=seeded_generator(0, 15))
+    split = load_split(resolve_source("mnist", allow_embedded=True), "mnist", "train")
+    keep = np.flatnonzero(split.labels < 3)[:40]
+    records, labels, y = to_tensor(split.images[keep]), split.labels[keep], torch.as_tensor(split.labels[keep])
+    members = torch.arange(40) % 2 == 0
+    options = dict(lam=0.01, init=64, steps=10)
+    fit = fit_by_class(GeneratedDecoders(start, code), records, labels, seeded_generator(0, 16), restarts=1, **options)
+
+    def gradient(i):  # record i's latent-fit loss at the fitted latent, by autograd on that record alone
+        gains, shifts, means = start.generate(code.view(1, -1))
+        recon = start.decode(fit.latents[i:i + 1] + means[0, y[i:i + 1]], onehot(y[i:i + 1]), gains, shifts)
+        loss = (recon.flatten(1) - records[i:i + 1].flatten(1)).pow(2).sum() + 0.01 * fit.latents[i].pow(2).sum()
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(start.parameters()))])
+
+    grads = torch.stack([gradient(i) for i in range(40)]).double()
+    step = grads[members].sum(0)
+    update, offset = {}, 0
+    for name, p in start.named_parameters():
+        update[name] = (-0.01 * step[offset:offset + p.numel()]).view_as(p).float()
+        offset += p.numel()
+    shared = SharedDecoder(0, 0, start.spec, None, UPDATE_KIND, [], start, update, None, 0)
+    scores = update_alignment([shared], code, records, labels, seeded_generator(0, 16), **options)
+    expected = (grads @ step / (grads.norm(dim=1) * step.norm())).numpy()
+    assert np.allclose(scores, expected, atol=1e-4)
+    assert scores[members.numpy()].mean() > scores[~members.numpy()].mean()
+
+
+def test_the_audit_attacks_what_the_fedhypevae_server_holds(dp_run):
+    from alignfl_audit.audit import run_audit
+
+    small = {"audit.members_per_client": 20, "audit.generated_samples": 200, "audit.bootstrap": 10,
+             "audit.latent_fit_steps": 5, "audit.latent_fit_init": 32, "audit.latent_fit_restarts": 1,
+             "audit.lipschitz_prior_points": 8, "audit.lipschitz_ascent_steps": 1, "audit.inliers": 8}
+    audit = json.loads(run_audit(dp_run, overrides=small, quiet=True).read_text())
+    assert set(audit["mia"]) == {"white_box_latent_fit", "monte_carlo", "nearest_generated_sample", "update_alignment"}
+    assert audit["shared_artifacts"] == ["hypernetwork_update"] and "hypernetwork update" in audit["threat_model"]
+    assert set(audit["code_search"]["clients"]) == {"0", "1"} and "not applicable" in audit["reference_models"]
+    for k in ("0", "1"):
+        bracket = audit["lipschitz"][k]
+        assert set(bracket["rounds"]) == {"0", "1"}
+        for per_class in bracket["rounds"]["1"]["classes"].values():
+            assert per_class["lower"] <= per_class["upper"]
+    assert audit["outliers"]["groups"]["outliers"]["n"] == 4 and audit["accountant"]["formal_guarantee"] is True

@@ -8,6 +8,7 @@ tightest one that succeeded. A PRV failure (it happens at large epsilon) is note
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 
@@ -142,9 +143,13 @@ def ledger_epsilons(ledger: dict) -> dict:
     if not led.formal_guarantee:
         out["epsilon_withheld"] = led.note
         return out
+    computed: dict[tuple, dict] = {}  # clients with the same history (same n, sigma, steps) share one result
     for cid in led.client_ids():
         if str(cid) in led.unaccounted:  # some of its spend could not be read: no epsilon, never an under-count
             out.setdefault("unaccounted", {})[str(cid)] = led.unaccounted[str(cid)]
             continue
-        out["clients"][str(cid)] = epsilons(led.history(cid), led.delta)
+        history = tuple(led.history(cid))
+        if history not in computed:
+            computed[history] = epsilons(list(history), led.delta)
+        out["clients"][str(cid)] = copy.deepcopy(computed[history])
     return out

@@ -3,6 +3,7 @@ participation (rounds x local epochs x steps per epoch), refuse impossible plans
 and stop a client before any round that would overrun its budget."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 from opacus.accountants import create_accountant
@@ -19,25 +20,34 @@ def calibrate_noise(spec: PrivacySpec, sample_rate: float, total_steps: int) -> 
     if spec.noise_multiplier is not None:
         return float(spec.noise_multiplier)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return float(get_noise_multiplier(target_epsilon=spec.target_epsilon, target_delta=spec.delta,
-                                              sample_rate=sample_rate, steps=total_steps,
-                                              accountant=spec.calibration_accountant,
-                                              epsilon_tolerance=EPSILON_TOLERANCE))
+        return _calibrated(spec.target_epsilon, spec.delta, sample_rate, total_steps, spec.calibration_accountant)
     except ValueError as err:
         raise ConfigError(f"the budget epsilon={spec.target_epsilon:g}, delta={spec.delta:g} cannot be met with "
                           f"sampling rate {sample_rate:.4g} over {total_steps} steps ({err})") from None
 
 
+@functools.lru_cache(maxsize=256)
+def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Opacus's calibration, once per distinct plan (clients of the same size share it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant=accountant, epsilon_tolerance=EPSILON_TOLERANCE))
+
+
 def spent_epsilon(spec: PrivacySpec, history: list[tuple[float, float, int]]) -> float:
     if not history:
         return 0.0
-    acc = create_accountant(spec.calibration_accountant)
-    acc.history = list(history)
+    return _spent(spec.calibration_accountant, spec.delta, tuple(tuple(h) for h in history))
+
+
+@functools.lru_cache(maxsize=1024)
+def _spent(accountant: str, delta: float, history: tuple) -> float:
+    acc = create_accountant(accountant)
+    acc.history = [tuple(h) for h in history]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=spec.delta))
+        return float(acc.get_epsilon(delta=delta))
 
 
 def round_would_overrun(spec: PrivacySpec, events, plan, local_epochs: int) -> bool:

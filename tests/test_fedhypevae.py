@@ -37,7 +37,7 @@ from federation.state_codec import state_to_bytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-DP = {"mechanism": "dp-sgd", "noise_multiplier": 2.0, "delta": 1e-5, "clipping": "adaptive"}
+DP = {"mechanism": "dp-sgd", "noise_multiplier": 3.0, "delta": 1e-5, "clipping": "adaptive"}
 HV = tiny_config(
     name="hv",
     partition={"client_classes": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], "samples_per_class": 30, "holdout_per_class": 10,
@@ -182,7 +182,7 @@ def test_each_round_is_one_ledger_event_per_client(one_round):
         (event,) = meta["report"]["dp_events"]
         plan = setup.dp_plan
         assert event["sample_rate"] == pytest.approx(32 / setup.num_samples) == plan.sample_rate
-        assert event["noise_multiplier"] == 2.0 and event["steps"] == plan.steps_per_epoch
+        assert event["noise_multiplier"] == DP["noise_multiplier"] and event["steps"] == plan.steps_per_epoch
         assert event["scope"] == "full" and event["grad_sample_mode"] == "bk" and event["round"] == 0
         assert state["events"] == [event]
 
@@ -384,7 +384,7 @@ def test_dp_accounting_runs_through_the_ledger(dp_run):
     for k in ("0", "1"):
         events = [e for e in ledger["events"] if str(e["client"]) == k]
         assert [e["round"] for e in events] == [0, 1]
-        assert all(e["noise_multiplier"] == 2.0 and e["sample_rate"] == ledger["clients"][k]["sample_rate"]
+        assert all(e["noise_multiplier"] == DP["noise_multiplier"] and e["sample_rate"] == ledger["clients"][k]["sample_rate"]
                    for e in events)
         assert sum(e["steps"] for e in events) == ledger["clients"][k]["planned_steps"]
         result = metrics["privacy"]["clients"][k]

@@ -27,7 +27,7 @@ from federation.client import ClientSetup
 from federation.hypernetwork import UPDATE_KIND, FiLMHypernetwork, code_anchor, onehot
 from federation.messages import Payload
 from federation.mmd import RandomFeatures, mmd_squared
-from federation.models import PIXELS, _materialize, reparameterization_noise
+from federation.models import PIXELS, MLPEncoder, _materialize, reparameterization_noise
 from federation.privacy.budget import round_would_overrun
 from federation.privacy.dp_hyper import HyperDPStep
 from federation.privacy.ledger import DPEvent
@@ -49,23 +49,14 @@ class HyperRecipe:
     anchor_weight: float
 
 
-class ConditionalEncoder(nn.Module):
-    """q(z | x, y): an MLP on [x, onehot(y)] with the model spec's hidden widths."""
+class ConditionalEncoder(MLPEncoder):
+    """q(z | x, y): the MLP encoder on [x, onehot(y)], with the model spec's hidden widths."""
 
     def __init__(self, hidden: list[int], latent_dim: int, num_classes: int):
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = PIXELS + num_classes
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        self.body = nn.Sequential(*layers)
-        self.mu = nn.Linear(width, latent_dim)
-        self.logvar = nn.Linear(width, latent_dim)
+        super().__init__(hidden, latent_dim, PIXELS + num_classes)
 
     def forward(self, x: torch.Tensor, y1h: torch.Tensor):
-        h = self.body(torch.cat([x.flatten(1), y1h], 1))
-        return self.mu(h), self.logvar(h)
+        return super().forward(torch.cat([x.flatten(1), y1h], 1))
 
 
 class HyperCVAE(nn.Module):

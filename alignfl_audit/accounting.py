@@ -22,6 +22,7 @@ so the headline meets the target and the add/remove value lies below it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 
@@ -166,11 +167,15 @@ def ledger_epsilons(ledger: dict) -> dict:
         out["epsilon_withheld"] = led.note
         return out
     out.update(relation=HEADLINE_RELATION, relation_reason=HEADLINE_REASON)
+    computed: dict[tuple, dict] = {}  # clients with the same history (same n, sigma, steps) share one result
     for cid in led.client_ids():
         if str(cid) in led.unaccounted:  # some of its spend could not be read: no epsilon, never an under-count
             out.setdefault("unaccounted", {})[str(cid)] = led.unaccounted[str(cid)]
             continue
-        out["clients"][str(cid)] = client_epsilons(led.history(cid), led.delta)
+        history = tuple(led.history(cid))
+        if history not in computed:
+            computed[history] = client_epsilons(list(history), led.delta)
+        out["clients"][str(cid)] = copy.deepcopy(computed[history])
     out["headline"] = run_epsilon(out)
     return out
 

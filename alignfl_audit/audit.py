@@ -31,6 +31,7 @@ from attacks.outlier_verdicts import outlier_verdicts
 from attacks.reference_models import ReferenceRecipe, train_reference_decoder
 from attacks.selection import largest_ceiling
 from attacks.sensitivity import audit_sensitivity
+from alignfl_audit.audit_hyper import THREAT_MODEL as HYPER_THREAT_MODEL, UPDATE_ATTACK
 from attacks.shared_artifacts import SharedRun, load_shared_run
 from federation.rng import seeded_generator
 from federation.data.sources import EMBEDDED_ROOT, DataSource, _has_dataset, load_split, resolve_source
@@ -108,10 +109,15 @@ def _load(dataset: str, split: str, provenance: dict, data_root, cfg: Experiment
     return data
 
 
+def _latent_options(a) -> dict:
+    return dict(lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=a.latent_fit_restarts,
+                steps=a.latent_fit_steps)
+
+
 def _attacks(a, calibrated: bool) -> dict:
     """name -> (reference decoder or None -> a fresh attack)."""
     def latent():
-        return LatentFitAttack(a.latent_fit_lambda, a.latent_fit_init, a.latent_fit_restarts, a.latent_fit_steps)
+        return LatentFitAttack(**_latent_options(a))
 
     def mc():
         return MonteCarloAttack(a.generated_samples)
@@ -155,7 +161,15 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     images = to_tensor(train.images)
 
     clients = [c for c in part["clients"] if c["client"] in shared.decoders]
-    steps = len(clients) * (2 if a.reference_models else 1) + 3
+    hyper = None
+    if shared.hypernetworks:  # FedHypeVAE: decoders are generated at a code the adversary searches for
+        from alignfl_audit.audit_hyper import HyperView
+        from alignfl_audit.orchestrate import label_sets
+
+        hyper = HyperView.search_codes(shared, clients, train.labels, images, a, seed, label_sets(cfg),
+                                       cfg.strategy.anchor_weight)
+    calibrated = a.reference_models and hyper is None
+    steps = len(clients) * (2 if calibrated else 1) + 3
     bar = tqdm(total=steps, disable=quiet, desc="audit", unit="step", leave=False)
 
     def tick(msg: str) -> None:
@@ -170,11 +184,10 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
         timing[phase] = round(time.perf_counter() - t0, 2)
         return result
 
-    references = timed("references", _references, shared, clients, cfg, test, seed, tick) \
-        if a.reference_models else None
+    references = timed("references", _references, shared, clients, cfg, test, seed, tick) if calibrated else None
     evidence: dict[str, np.ndarray] = {}
     mia, games = timed("membership", _membership, shared, clients, images, train.labels, a, references, seed,
-                       evidence, tick)
+                       evidence, tick, hyper)
     delta = cfg.privacy.delta
     eps = _empirical_epsilon(evidence, list(mia), delta, a.alpha, seed)
     tick("outliers")
@@ -182,19 +195,27 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     if out_train is not None and part.get("outliers", {}).get("ids") \
             and part["outliers"]["client"] in shared.decoders:
         out_test = _load(out_ds, "test", provenance, data_root, cfg)
-        outliers = timed("outliers", _outliers, shared, part, images, test, out_train, out_test, a, seed, run)
+        outliers = timed("outliers", _outliers, shared, part, images, train.labels, test, out_train, out_test, a,
+                         seed, run, hyper)
     tick("lipschitz")
-    lipschitz = timed("lipschitz", _lipschitz, shared, clients, images, train.labels, a, seed)
+    lipschitz = timed("lipschitz", _lipschitz, shared, clients, images, train.labels, a, seed, hyper)
     tick("canaries")
-    canaries = timed("canaries", _canaries, shared, part, out_train, a, delta, seed, evidence)
+    canaries = timed("canaries", _canaries, shared, part, out_train, a, delta, seed, evidence, hyper)
     bar.close()
 
     audit = {
         "format": AUDIT_FORMAT, "run": str(run.path), "seed": seed, "settings": vars(a).copy(),
         "threat_model": "white-box access to every shared decoder (and declared extra artifacts) plus "
-                        "candidate records; no encoder, no private training state (docs/threat-model.md)",
+                        "candidate records; no encoder, no private training state (docs/threat-model.md)"
+                        if hyper is None else HYPER_THREAT_MODEL,
         "shared_artifacts": sorted({k for c in shared.decoders.values() for d in c.values()
-                                    for k in ["decoder" if d.kind == "decoder" else "vae", *d.extra_artifacts]}),
+                                    for k in [d.kind, *d.extra_artifacts]}),
+        **({} if hyper is None else {
+            "code_search": {"clients": hyper.search,
+                            "method": "from each client's public anchor, jointly with one latent per candidate record "
+                                      "of its membership game (attacks/hyper_code.py)"},
+            "reference_models": "not applicable: the reference-calibrated attacks train a reference of a shared "
+                                "decoder's recipe; FedHypeVAE shares no decoder"}),
         "downlinks": {"messages": len(shared.downlinks),
                       "kinds": sorted({d.kind for d in shared.downlinks}),
                       "carry_a_decoder": any(d.decoder is not None for d in shared.downlinks)},
@@ -246,7 +267,7 @@ def _references(shared: SharedRun, clients, cfg, test, seed, tick) -> dict:
     return refs
 
 
-def _membership(shared: SharedRun, clients, images, labels_of, a, references, seed, evidence, tick):
+def _membership(shared: SharedRun, clients, images, labels_of, a, references, seed, evidence, tick, hyper=None):
     """(per-attack metrics, per-client class counts of the game); ``labels_of``: the train split's labels."""
     per_attack: dict[str, dict] = {}
     games: dict[str, dict] = {}
@@ -260,9 +281,17 @@ def _membership(shared: SharedRun, clients, images, labels_of, a, references, se
             continue
         target = shared.final(k)
         records = images[game.ids]
+        scored = {}
         for name, make in _attacks(a, references is not None).items():
-            attack = make(references[k] if references else None)
-            scores = attack.fit(target.decoder, target.latent_dim, seeded_generator(seed, 72, k)).score(records)
+            if hyper is None:
+                attack = make(references[k] if references else None)
+                scored[name] = attack.fit(target.decoder, target.latent_dim, seeded_generator(seed, 72, k)).score(records)
+            else:
+                scored[name] = hyper.score(k, lambda make=make: make(None), records, labels_of[game.ids],
+                                           seeded_generator(seed, 72, k))
+        if hyper is not None:
+            scored[UPDATE_ATTACK] = hyper.update_alignment(k, records, labels_of[game.ids], a, seed)
+        for name, scores in scored.items():
             pooled.setdefault(name, []).append(scores)
             per_attack.setdefault(name, {"clients": {}})["clients"][str(k)] = membership_metrics(
                 scores, game.labels, a.bootstrap, seed)
@@ -302,25 +331,33 @@ def _empirical_epsilon(evidence: dict, attacks: list[str], delta: float, alpha: 
                         "with partition.canaries.count > 0) is the one-run bound with a proof."}
 
 
-def _outliers(shared, part, images, test, out_train, out_test, a, seed, run) -> dict:
+def _outliers(shared, part, images, labels_of, test, out_train, out_test, a, seed, run, hyper=None) -> dict:
     o = part["outliers"]
     k = o["client"]
     target = shared.final(k)
     client = next(c for c in part["clients"] if c["client"] == k)
     rng = np.random.default_rng([seed, 0x0171])
-    inlier_ids = rng.choice(client["train_ids"], min(a.inliers, len(client["train_ids"])), replace=False)
+    inlier_ids = np.sort(rng.choice(client["train_ids"], min(a.inliers, len(client["train_ids"])), replace=False))
     groups = {"outliers": to_tensor(out_train.images[o["ids"]]),
               "controls": to_tensor(out_train.images[o["control_ids"]]) if o.get("control_ids") else torch.zeros(0),
-              "inliers": images[np.sort(inlier_ids)]}
+              "inliers": images[inlier_ids]}
     typical, other = to_tensor(test.images), to_tensor(out_test.images)
     classifier = domain_classifier(typical, other, seed)
     fit_options = dict(lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=a.latent_fit_restarts,
                        steps=a.latent_fit_steps)
+    generator = seeded_generator(seed, 73, k)
+    fitter = None
+    if hyper is not None:  # each record fitted by the decoder of the class training gave it
+        labels = {"outliers": hyper.rule_labels(k, o["ids"]), "controls": hyper.rule_labels(k, o["control_ids"]),
+                  "inliers": labels_of[inlier_ids]}
+
+        def fitter(name, records):
+            return hyper.fit(k, records, labels[name], generator, **fit_options)
     # neighbours from both public test splits: a reconstruction counts only if it is much closer to its
     # own record than to any public image of either dataset, not merely unlike the main dataset
     summary, recons = reconstruct_groups(target.decoder, target.latent_dim, groups, torch.cat([typical, other]),
-                                         classifier, seeded_generator(seed, 73, k),
-                                         threshold=a.reconstruction_threshold, fit_options=fit_options)
+                                         classifier, generator, threshold=a.reconstruction_threshold,
+                                         fit_options=fit_options, fitter=fitter)
     from federation.metrics.figures import sample_grid
 
     figures = {}
@@ -341,11 +378,14 @@ def _outliers(shared, part, images, test, out_train, out_test, a, seed, run) -> 
             "figure_layout": "pairs: original, reconstruction (left to right, row by row)"}
 
 
-def _lipschitz(shared: SharedRun, clients, images, labels_of, a, seed) -> dict:
+def _lipschitz(shared: SharedRun, clients, images, labels_of, a, seed, hyper=None) -> dict:
     out = {}
     for c in clients:
         k = c["client"]
         member_ids = membership_game(c, min(64, a.members_per_client), seed, labels_of).member_ids
+        if hyper is not None:
+            out[str(k)] = hyper.lipschitz(k, member_ids, images, labels_of, a, seed)
+            continue
         per_round = {}
         for rnd, d in sorted(shared.decoders[k].items()):
             latents = None
@@ -362,7 +402,7 @@ def _lipschitz(shared: SharedRun, clients, images, labels_of, a, seed) -> dict:
     return out
 
 
-def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence) -> dict | None:
+def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence, hyper=None) -> dict | None:
     c = part.get("canaries") or {}
     if not c.get("ids"):
         return None
@@ -375,9 +415,13 @@ def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence) -> d
     k = c["client"]
     target = shared.final(k)
     included = np.asarray(c["included"], bool)
-    attack = LatentFitAttack(a.latent_fit_lambda, a.latent_fit_init, a.latent_fit_restarts, a.latent_fit_steps)
-    scores = attack.fit(target.decoder, target.latent_dim, seeded_generator(seed, 75, k)).score(
-        to_tensor(out_train.images[np.asarray(c["ids"])]))
+    attack = LatentFitAttack(**_latent_options(a))
+    records = to_tensor(out_train.images[np.asarray(c["ids"])])
+    if hyper is None:
+        scores = attack.fit(target.decoder, target.latent_dim, seeded_generator(seed, 75, k)).score(records)
+    else:  # each canary against the decoder of the class it would have been trained with
+        scores = hyper.score(k, lambda: LatentFitAttack(**_latent_options(a)), records, hyper.rule_labels(k, c["ids"]),
+                             seeded_generator(seed, 75, k))
     evidence.update(canary_scores=scores, canary_included=included)
     result = one_run_epsilon(scores, included, guesses, guesses, delta, beta=a.alpha)
     return {"client": k, "attack": attack.name, **result,

@@ -137,12 +137,13 @@ def _print_accounting(res: dict, delta: float) -> None:
 def _inspect_upload(args: argparse.Namespace) -> int:
     import json
 
-    from federation.messages import Uplink, load_message, parameter_count
+    from federation.messages import KIND_DESCRIPTIONS, Uplink, load_message, parameter_count
 
     msg = load_message(args.path)  # validates; a rejected message exits nonzero with the reason
     p = msg.payload
     encoder = [k for k in p.tensors if k.startswith("encoder")]
-    info = {"path": str(args.path), "direction": msg.direction, "round": msg.round, "kind": p.kind, "spec": p.spec,
+    info = {"path": str(args.path), "direction": msg.direction, "round": msg.round, "kind": p.kind,
+            "kind_description": KIND_DESCRIPTIONS.get(p.kind), "spec": p.spec,
             "parameters": parameter_count(p.tensors),
             "tensors": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                         for k, v in p.tensors.items()],
@@ -163,6 +164,8 @@ def _inspect_upload(args: argparse.Namespace) -> int:
     else:
         print(f"{args.path}: valid {p.kind} downlink from the server to client(s) "
               f"{', '.join(map(str, msg.recipients))}, round {msg.round}")
+    if info["kind_description"]:
+        print(f"  what it is: {info['kind_description']}")
     if p.spec is not None:
         print(f"  architecture: {json.dumps(p.spec)}")
     print(f"  {info['parameters']} parameters in {len(p.tensors)} tensors")

@@ -170,6 +170,7 @@ class ExperimentConfig:
                               f"{', '.join(supported)} strategies, not {cls.name}")
         specs = self.client_specs()
         self.server_spec()
+        cls.check_setup(self.strategy, specs, self.privacy)
         if self.privacy.is_dp and self.privacy.grad_sample_mode == "bk":
             _check_bk(self.privacy, specs)
         if cls.same_architecture and any(s != specs[0] for s in specs):

@@ -19,7 +19,7 @@ from alignfl_audit.provenance import provenance
 from alignfl_audit.rundir import RunDir
 from federation import run_layout as layout
 from federation.client import ClientSetup
-from federation.data.partition import Partition, make_partition
+from federation.data.partition import NUM_CLASSES, Partition, make_partition
 from federation.data.sources import Split, load_split, resolve_source
 from federation.engines.base import Engine
 from federation.engines.inprocess import InProcessEngine, InProcessSettings
@@ -76,6 +76,28 @@ def client_tensors(data: LoadedData, partition: Partition) -> list[torch.Tensor]
     return out
 
 
+def label_sets(cfg: ExperimentConfig) -> dict[int, list[int]]:
+    """Each client's label set as the partition config gives it (public): its classes under a class-disjoint
+    partition; every class under a Dirichlet one, which may give any client any class."""
+    p = cfg.partition
+    if p.scheme == "class_disjoint":
+        return {k: sorted(c) for k, c in enumerate(p.client_classes)}
+    return {k: list(range(NUM_CLASSES)) for k in range(p.n_clients)}
+
+
+def client_labels(data: LoadedData, partition: Partition, sets: dict[int, list[int]]) -> list[torch.Tensor]:
+    """Each client's record labels, in ``client_tensors``' order. A cross-domain record (an outlier or a
+    canary) carries one of the client's own labels, chosen by its record id (id mod the label set's size),
+    as a mislabelled record would: the rule is public, and no record's label depends on another's."""
+    out = []
+    for shard in partition.shards:
+        own = sets[shard.client]
+        extra = np.concatenate([shard.outlier_ids, shard.canary_ids]).astype(np.int64)
+        labels = np.concatenate([data.train.labels[shard.train_ids], np.asarray(own)[extra % len(own)]])
+        out.append(torch.as_tensor(labels, dtype=torch.long))
+    return out
+
+
 def client_setups(cfg: ExperimentConfig, data: LoadedData, partition: Partition,
                   only: int | None = None) -> list[ClientSetup]:
     """Every client's setup (or the pooled reference's, for a strategy without federation), with its
@@ -83,6 +105,8 @@ def client_setups(cfg: ExperimentConfig, data: LoadedData, partition: Partition,
     are refused here, before training."""
     cls = cfg.strategy_class
     units = cls.training_units(cfg.strategy, cfg.training, cfg.client_specs(), client_tensors(data, partition))
+    sets = label_sets(cfg)
+    labels = client_labels(data, partition, sets) if cls.federated() else [None] * len(units)
     setups = []
     for k, (spec, x, settings) in enumerate(units):
         if only is not None and k != only:
@@ -90,7 +114,8 @@ def client_setups(cfg: ExperimentConfig, data: LoadedData, partition: Partition,
         plan = None
         if cfg.privacy.is_dp:
             plan = dp_plan(cfg, k, len(x), settings)
-        setups.append(ClientSetup(k, x, spec, settings, cfg.seed, cfg.privacy, plan))
+        setups.append(ClientSetup(k, x, spec, settings, cfg.seed, cfg.privacy, plan, labels=labels[k],
+                                  label_set=sets.get(k) if cls.federated() else None))
     return setups
 
 
@@ -125,7 +150,7 @@ def build_strategy(cfg: ExperimentConfig, setups: list[ClientSetup] | None = Non
     specs = cfg.client_specs()
     pooled = None if cls.federated() else (setups[0] if setups else None)
     ctx = ServerContext(cfg.seed, cfg.training, list(range(len(specs))) if cls.federated() else [],
-                        dict(enumerate(specs)), cfg.server_spec(), pooled)
+                        dict(enumerate(specs)), cfg.server_spec(), pooled, label_sets(cfg))
     return cls(cfg.strategy, cfg.server, ctx)
 
 
@@ -249,7 +274,7 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
         if late:  # replies that arrived after the last round: what they carry was shared, and is recorded
             statuses = {}
             accepted = accept_arrivals(late, run.shared_round(strategy.rounds), strategy.uplink_kinds, statuses,
-                                       strategy.rounds)
+                                       strategy.rounds, strategy.check_uplink)
             ledger.merge(accepted.dp_events, accepted.unaccounted)
             records.append(RoundRecord(strategy.rounds, statuses))
             run.log(f"after the last round: {_summary(records[-1])} (not used by the server)")

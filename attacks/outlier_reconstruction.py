@@ -20,6 +20,8 @@ by no record at all.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from scipy.stats import mannwhitneyu
@@ -42,16 +44,20 @@ def normalized_distance(fit: LatentFit, typical: torch.Tensor, k: int) -> torch.
     return fit.distance / scale.clamp_min(1e-12)
 
 
-def reconstruct_groups(decoder: nn.Module, latent_dim: int, groups: dict[str, torch.Tensor],
+def reconstruct_groups(decoder: nn.Module | None, latent_dim: int, groups: dict[str, torch.Tensor],
                        typical: torch.Tensor, classifier: LogisticRegression, generator: torch.Generator, *,
-                       threshold: float, k: int = 50,
-                       fit_options: dict | None = None) -> tuple[dict, dict]:
-    """Returns (summary per group, reconstructions per group for image grids)."""
+                       threshold: float, k: int = 50, fit_options: dict | None = None,
+                       fitter: Callable[[str, torch.Tensor], LatentFit] | None = None) -> tuple[dict, dict]:
+    """Returns (summary per group, reconstructions per group for image grids). ``fitter(group, records)``
+    replaces the latent fit on ``decoder`` (e.g. class-conditional decoders, each record fitted by its class's)."""
     summary, recons = {}, {}
     for name, records in groups.items():
         if not len(records):
             continue
-        fit = fit_latents(decoder, records, latent_dim, generator, **(fit_options or {}))
+        if fitter is not None:
+            fit = fitter(name, records)
+        else:
+            fit = fit_latents(decoder, records, latent_dim, generator, **(fit_options or {}))
         norm = normalized_distance(fit, typical, k)
         to_main = classifier.predict(fit.reconstructions.numpy())
         summary[name] = {

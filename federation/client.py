@@ -15,7 +15,7 @@ import torch
 from federation.latent_gmm import ARTIFACT, fit_latent_gmm
 from federation.messages import Payload
 from federation.models import VAE
-from federation.privacy.budget import spent_epsilon
+from federation.privacy.budget import round_would_overrun
 from federation.privacy.dp_sgd import DPPlan, DPTrainer
 from federation.privacy.ledger import DPEvent
 from federation.privacy.spec import PrivacySpec
@@ -41,6 +41,10 @@ class ClientSetup:
     # seed can recompute the noise). A real client node sets a secret of its own (node config
     # noise-secret), which the epsilon of DP-SGD assumes.
     noise_secret: int | None = None
+    # each record's label (a strategy that conditions on it, FedHypeVAE, trains on it; ALIGN-FL does not), and
+    # the client's label set from the partition config (public, like its record count)
+    labels: torch.Tensor | None = None
+    label_set: list[int] | None = None
 
     @property
     def noise_seed(self) -> int:
@@ -122,10 +126,7 @@ class Client:
 
     def _train_round_dp(self) -> tuple[float | None, list[DPEvent]]:
         plan, privacy = self.dp.plan, self.setup.privacy
-        planned = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_epoch * self.setup.settings.local_epochs)
-        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.events]
-        target = privacy.target_epsilon
-        if self.budget_exhausted or (target is not None and spent_epsilon(privacy, history + [planned]) > target):
+        if self.budget_exhausted or round_would_overrun(privacy, self.events, plan, self.setup.settings.local_epochs):
             self.budget_exhausted = True
             return None, list(self.events)
         start = self.dp.clip_bound

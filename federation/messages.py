@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load, save as st_save
 
 from federation.errors import ConfigError, UploadRejected
+from federation.hypernetwork import HYPERNETWORK_KIND, UPDATE_KIND, hypernetwork_tensors, normalize_hyper_spec
 from federation.models import VAE, build_decoder, normalize_spec
 from federation.privacy.ledger import DPEvent
 
@@ -48,13 +49,39 @@ PAYLOAD_KINDS: dict[str, Callable[[dict], dict[str, torch.Tensor]] | None] = {
     "vae": _vae_tensors,  # FedAvg/FedProx: the whole VAE, up and down
     "empty": None,  # an instruction with no tensors, or a reply that shares nothing
 }
+# kind -> how its spec is checked (default: a VAE architecture spec, ``normalize_spec``)
+SPEC_CHECKS: dict[str, Callable[[dict], dict]] = {}
+# kinds that may carry nothing beyond their own tensors (no declared extra artifact)
+NO_EXTRAS: set[str] = set()
 
 
-def register_payload_kind(kind: str, expected: Callable[[dict], dict[str, torch.Tensor]] | None) -> None:
-    """A strategy that sends a new kind of payload registers how to validate it."""
+def register_payload_kind(kind: str, expected: Callable[[dict], dict[str, torch.Tensor]] | None,
+                          spec_check: Callable[[dict], dict] | None = None, extras: bool = True) -> None:
+    """A strategy that sends a new kind of payload registers how to validate it: the tensors its spec
+    requires, how the spec itself is checked (default: a VAE spec), and whether it may declare extra
+    artifacts (``extras=False``: a message of this kind that declares one is rejected)."""
     if kind in PAYLOAD_KINDS and PAYLOAD_KINDS[kind] is not expected:
         raise ValueError(f"payload kind {kind!r} is already registered")
     PAYLOAD_KINDS[kind] = expected
+    if spec_check is not None:
+        SPEC_CHECKS[kind] = spec_check
+    if not extras:
+        NO_EXTRAS.add(kind)
+
+
+for _kind in (HYPERNETWORK_KIND, UPDATE_KIND):  # FedHypeVAE: the hypernetwork down, a client's update up
+    register_payload_kind(_kind, hypernetwork_tensors, normalize_hyper_spec, extras=False)
+
+# what a message of each kind is, in words (``alignfl-audit inspect-upload``)
+KIND_DESCRIPTIONS = {
+    "decoder": "a client's decoder (ALIGN-FL): the weights the server decodes synthetic data from",
+    "vae": "a whole VAE, encoder included (FedAvg/FedProx)",
+    "empty": "no tensors: an instruction to train, or a reply that shares nothing",
+    HYPERNETWORK_KIND: "FedHypeVAE's shared hypernetwork: it generates a decoder and class prior from a code; "
+                       "no code and no encoder are in it",
+    UPDATE_KIND: "a FedHypeVAE client's hypernetwork update (trained minus received hypernetwork), nothing else: "
+                 "its private code, its encoder and its generated decoder stay on the client",
+}
 
 
 # ------------------------------------------------------------------------------------------ types
@@ -196,6 +223,9 @@ def decode(blob: bytes, meta, *, direction: str, name: str, kinds: tuple[str, ..
     if not isinstance(extras_declared, list) or not all(isinstance(e, str) and e.isidentifier()
                                                         for e in extras_declared):
         raise UploadRejected(f"{name}: extra_artifacts must be a list of names, got {extras_declared!r}")
+    if extras_declared and kind in NO_EXTRAS:
+        raise UploadRejected(f"{name}: a {kind!r} message carries nothing beyond its own tensors, but it declares "
+                             f"extra artifacts {extras_declared}")
     payload = _payload(blob, kind, meta.get("spec"), extras_declared, name)
     if direction == "downlink":
         recipients = meta.get("recipients")
@@ -212,7 +242,7 @@ def _payload(blob: bytes, kind: str, spec, extras_declared: list[str], name: str
     expected_fn = PAYLOAD_KINDS[kind]
     if expected_fn is not None:
         try:
-            spec = normalize_spec(spec)
+            spec = SPEC_CHECKS.get(kind, normalize_spec)(spec)
         except ConfigError as err:
             raise UploadRejected(f"{name}: spec rejected: {err}") from None
     elif spec is not None:

@@ -64,10 +64,10 @@ def _mlp_decoder(spec: dict) -> nn.Module:
 
 
 class MLPEncoder(nn.Module):
-    def __init__(self, hidden: list[int], latent_dim: int):
+    def __init__(self, hidden: list[int], latent_dim: int, in_features: int = PIXELS):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
-        width = PIXELS
+        width = in_features
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h

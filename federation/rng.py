@@ -26,6 +26,8 @@ PRIOR_SAMPLES = 9
 CLIENT_FIGURE = 10
 STRAGGLERS = 11  # the in-process engine's simulated reply delays (+ round, client)
 LATENT_GMM = 12  # a client's latent GMM fit (+ client, round)
+CODE_ANCHOR = 13  # FedHypeVAE: the public anchor of a client's code (+ client)
+MMD_FEATURES = 14  # FedHypeVAE: a client's random Fourier features of the MMD kernel (+ client)
 
 
 def seeded_generator(*parts: int) -> torch.Generator:

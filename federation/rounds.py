@@ -108,9 +108,10 @@ def record_downlinks(plan: dict, shared_dir: Path, kinds: tuple[str, ...]) -> di
 
 
 def accept_arrivals(arrivals: list[Arrival], shared_dir: Path, kinds: tuple[str, ...],
-                    statuses: dict[int, ClientRound], rnd: int) -> Accepted:
-    """Write every reply as received, then validate it; a valid reply's DP events are accepted even when
-    they come with nothing else, and the DP report of an invalid reply is still read when it can be."""
+                    statuses: dict[int, ClientRound], rnd: int, check=None) -> Accepted:
+    """Write every reply as received, then validate it (and, with ``check``, the strategy's own check of a
+    valid reply); a valid reply's DP events are accepted even when they come with nothing else, and the DP
+    report of an invalid reply is still read when it can be."""
     uplinks, events, unaccounted = [], [], {}
     for a in sorted(arrivals, key=lambda a: (a.client, a.sent_round)):
         path = write_encoded(a.blob, a.meta if isinstance(a.meta, dict) else {"invalid_sidecar": repr(a.meta)[:200]},
@@ -122,6 +123,8 @@ def accept_arrivals(arrivals: list[Arrival], shared_dir: Path, kinds: tuple[str,
                 raise UploadRejected(f"{path.name}: answers round {up.round} but was sent in round {a.sent_round}")
             if up.client != a.client:
                 raise UploadRejected(f"{path.name}: came from client {a.client} but says it is client {up.client}")
+            if check is not None:
+                check(up)
         except UploadRejected as err:
             statuses[a.client] = ClientRound(REJECTED, staleness=rnd - a.sent_round, reason=str(err))
             report = _salvage_report(a, str(err))
@@ -163,7 +166,8 @@ def run_round(rnd: int, strategy: Strategy, engine: Engine, shared_dir: Path, de
         statuses[k] = ClientRound(FAILED, reason=reason)
     for k, reason in exchange.lost.items():
         statuses[k] = ClientRound(LOST, reason=reason)
-    accepted = accept_arrivals(exchange.arrivals, shared_dir, strategy.uplink_kinds, statuses, rnd)
+    accepted = accept_arrivals(exchange.arrivals, shared_dir, strategy.uplink_kinds, statuses, rnd,
+                               strategy.check_uplink)
     aggregate = strategy.aggregate_round(rnd, accepted.uplinks)
     for k, w in aggregate.used.items():
         statuses[k].weight = w

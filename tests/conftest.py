@@ -103,10 +103,8 @@ class Federation:
         return record
 
     def client(self, k: int, rnd: int):
-        """Client k as its saved state stands before round ``rnd``."""
-        from federation.client import Client
-
-        return Client(self.setups[k], self.engine.states[k], rnd)
+        """Client k as its saved state stands before round ``rnd`` (built by the strategy's client side)."""
+        return self.engine.handler.make_client(self.setups[k], self.engine.states[k], rnd)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from federation.client import Client, ClientSetup
+from federation.client import ClientSetup
 from federation.errors import UploadRejected
 from federation.messages import decode, encode
 from federation.strategies.base import ClientHandler
@@ -83,7 +83,11 @@ def handle_encoded(setup: ClientSetup, handler: ClientHandler, state: dict | Non
     if state is not None and down.round <= int(state["round"]):
         raise ClientFailure(f"client {setup.client} was sent round {down.round} after it trained round "
                             f"{state['round']}; a client trains each round at most once")
-    client = Client(setup, state, down.round)
+    try:
+        handler.check_downlink(setup, down)
+    except UploadRejected as err:
+        raise ClientFailure(f"client {setup.client} rejected its downlink: {err}") from None
+    client = handler.make_client(setup, state, down.round)
     reply = handler.handle(client, down)
     blob, meta = encode(reply)
     return blob, meta, client.state_dict()

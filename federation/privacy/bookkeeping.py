@@ -126,6 +126,19 @@ class LinearBookkeeper:
         return sq.sqrt()
 
     @staticmethod
+    def per_sample_dots(backprops, direction: dict[nn.Parameter, torch.Tensor], batch_size: int) -> torch.Tensor:
+        """<g_i, v> for every sample, v given per parameter: sum_l (G_l[i] V_l) . A_l[i] + G_l[i] . v_bias."""
+        out = torch.zeros(batch_size, dtype=torch.float64)
+        for layer, a, g in backprops:
+            if g is None:
+                continue
+            if layer.weight in direction:
+                out += (g.mm(direction[layer.weight].to(g.dtype)) * a).sum(1).double()
+            if layer.bias is not None and layer.bias in direction:
+                out += g.mv(direction[layer.bias].to(g.dtype)).double()
+        return out
+
+    @staticmethod
     def clipped_sums(backprops, coeff: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """{parameter: sum_i coeff_i * per-sample gradient}, for every trainable parameter of the layers."""
         out: dict[nn.Parameter, torch.Tensor] = {}

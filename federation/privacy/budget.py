@@ -82,6 +82,16 @@ def spent_epsilon(spec: PrivacySpec, history: list[tuple[float, float, int]]) ->
     return replace_one_epsilon(spec.calibration_accountant, history, spec.delta)
 
 
+def round_would_overrun(spec: PrivacySpec, events, plan, local_epochs: int) -> bool:
+    """Whether one more round of ``local_epochs`` epochs of ``plan`` would take a client's recorded DP
+    ``events`` past its target epsilon (never, with an explicit noise multiplier and no target)."""
+    if spec.target_epsilon is None:
+        return False
+    planned = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_epoch * local_epochs)
+    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
+    return spent_epsilon(spec, history + [planned]) > spec.target_epsilon
+
+
 def check_adaptive(spec: PrivacySpec, sigma: float, unclipped_num_std: float) -> None:
     if spec.clipping == "adaptive" and sigma >= 2 * unclipped_num_std:
         raise ConfigError(f"adaptive clipping needs noise multiplier < 2 * unclipped_num_std, got sigma={sigma:.4g} "

@@ -38,6 +38,33 @@ from federation.privacy.clipping import (AdaptiveRule, ClipRule, ExpectedBatchAd
 from federation.privacy.spec import TEST_ONLY_FAULTS, PrivacySpec
 
 
+def clip_rule(spec: PrivacySpec, plan: "DPPlan", expected_batch: float) -> ClipRule:
+    """The rule that chooses each batch's clip bound (ghost and bk modes)."""
+    if spec.clipping == "adaptive":
+        return AdaptiveRule(spec.max_grad_norm, spec.target_quantile, spec.clipbound_lr, spec.min_clipbound,
+                            spec.max_clipbound, plan.unclipped_num_std, expected_batch)
+    if spec.clipping == "median-nonprivate":
+        return MedianRule(spec.max_grad_norm)
+    return ClipRule(spec.max_grad_norm)
+
+
+def bk_clip(bookkeeper: LinearBookkeeper, backprops, rule: ClipRule, batch: int, unclipped: bool = False):
+    """Book-keeping clipping of one batch: ({parameter: clipped sum}, per-sample norms, the bound used).
+    A record whose gradient is not finite contributes nothing (inf * 0 would turn the whole released update
+    into NaN, a data-dependent output), and is counted as clipped (its norm is +inf)."""
+    norms = bookkeeper.per_sample_norms(backprops, batch).detach()
+    finite = torch.isfinite(norms)
+    if not bool(finite.all()):
+        backprops = [(layer, None if a is None else a.masked_fill(~finite[:, None], 0.0),
+                      None if g is None else g.masked_fill(~finite[:, None], 0.0)) for layer, a, g in backprops]
+        norms = norms.masked_fill(~finite, float("inf"))
+    bound = rule.bound(norms[finite]) if rule.mode == "median-nonprivate" else rule.bound(norms)
+    coeff = (bound / (norms + 1e-6)).clamp(max=1.0).masked_fill(~finite, 0.0)
+    if unclipped:  # the self-audit's test-only broken mechanism: every finite gradient passes whole
+        coeff = finite.to(coeff.dtype)
+    return bookkeeper.clipped_sums(backprops, coeff), norms, bound
+
+
 @dataclass
 class DPPlan:
     """What a client's DP-SGD will do over its whole participation."""
@@ -81,14 +108,7 @@ class DPTrainer:
         self.noise_multiplier = (adjusted_noise_multiplier(sigma, plan.unclipped_num_std)
                                  if spec.clipping == "adaptive" else sigma)
         if self.uses_rule:
-            if spec.clipping == "adaptive":
-                self.rule: ClipRule = AdaptiveRule(spec.max_grad_norm, spec.target_quantile, spec.clipbound_lr,
-                                                   spec.min_clipbound, spec.max_clipbound, plan.unclipped_num_std,
-                                                   self.expected_batch)
-            elif spec.clipping == "median-nonprivate":
-                self.rule = MedianRule(spec.max_grad_norm)
-            else:
-                self.rule = ClipRule(spec.max_grad_norm)
+            self.rule = clip_rule(spec, plan, self.expected_batch)
         common = dict(noise_multiplier=sigma, max_grad_norm=spec.max_grad_norm,
                       expected_batch_size=self.expected_batch, loss_reduction="mean", generator=noise_generator)
         if self.mode == "bk":
@@ -220,19 +240,8 @@ class DPTrainer:
                                                     retain_graph=True)
             # G_l = d(sum_i loss_i)/d(out_l): row i is sample i's gradient w.r.t. the layer output
             backprops = self.bookkeeper.backprops(losses)
-        norms = self.bookkeeper.per_sample_norms(backprops, len(x)).detach()
-        finite = torch.isfinite(norms)
-        if not bool(finite.all()):
-            # a record whose gradient is not finite contributes nothing (inf * 0 would turn the whole
-            # released update into NaN, a data-dependent output), and is counted as clipped
-            backprops = [(layer, None if a is None else a.masked_fill(~finite[:, None], 0.0),
-                          None if g is None else g.masked_fill(~finite[:, None], 0.0)) for layer, a, g in backprops]
-            norms = norms.masked_fill(~finite, float("inf"))
-        bound = self.rule.bound(norms[finite]) if self.rule.mode == "median-nonprivate" else self.rule.bound(norms)
-        coeff = (bound / (norms + 1e-6)).clamp(max=1.0).masked_fill(~finite, 0.0)
-        if self.fault == "unclipped":
-            coeff = finite.to(coeff.dtype)
-        summed = self.bookkeeper.clipped_sums(backprops, coeff)
+        summed, norms, bound = bk_clip(self.bookkeeper, backprops, self.rule, len(x),
+                                       unclipped=self.fault == "unclipped")
         del backprops
         std = self._noise_factor * self.noise_multiplier * bound
         for p in self.private_params:  # noise sigma*C on the clipped sum, divided by the expected batch size

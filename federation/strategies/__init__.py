@@ -7,8 +7,9 @@ from federation.strategies.alignfl import AlignFL
 from federation.strategies.base import Strategy
 from federation.strategies.centralized import Centralized
 from federation.strategies.fedavg import FedAvg, FedProx
+from federation.strategies.fedhypevae import FedHypeVAE
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (AlignFL, FedAvg, FedProx, Centralized)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (AlignFL, FedAvg, FedProx, Centralized, FedHypeVAE)}
 
 
 def strategy_class(name) -> type[Strategy]:

@@ -123,6 +123,8 @@ class ServerContext:
     client_specs: dict[int, dict]
     server_spec: dict  # the global model's spec
     pooled: ClientSetup | None = None  # only for a strategy without federation: all client records
+    # each client's label set from the partition config (public, as the partition config is)
+    label_sets: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,6 +140,14 @@ class ClientHandler(ABC):
     """The client side of a strategy: one downlink in, one uplink out."""
 
     downlink_kinds: ClassVar[tuple[str, ...]]
+
+    def make_client(self, setup: ClientSetup, state: dict | None, rnd: int):
+        """The client as it stands at the start of round ``rnd``, rebuilt from its saved state (which its
+        ``state_dict`` returns again after the round)."""
+        return Client(setup, state, rnd)
+
+    def check_downlink(self, setup: ClientSetup, downlink: Downlink) -> None:
+        """Refuse a validated downlink this client cannot use (raise ``UploadRejected`` with the reason)."""
 
     @abstractmethod
     def handle(self, client: Client, downlink: Downlink) -> Uplink: ...
@@ -171,6 +181,10 @@ class Strategy(ABC):
             check_federation(server, cls.name, cls.stale_policies, n_clients)
 
     @classmethod
+    def check_setup(cls, settings, specs: list[dict], privacy) -> None:
+        """Checks that need the clients' model specs or the privacy section (after both are validated)."""
+
+    @classmethod
     def training_units(cls, settings, training: TrainSettings, specs: list[dict],
                        tensors: list[torch.Tensor]) -> list[tuple[dict, torch.Tensor, TrainSettings]]:
         """(spec, records, recipe) per client; a strategy without federation pools them."""
@@ -196,6 +210,10 @@ class Strategy(ABC):
     def configure_round(self, rnd: int, available: list[int]) -> dict[int, Downlink]:
         """Which clients take part in round ``rnd`` and what each is sent. Clients sent the same
         ``Downlink`` object receive one broadcast message."""
+
+    def check_uplink(self, uplink: Uplink) -> None:
+        """Refuse a validated reply the server cannot use (raise ``UploadRejected`` with the reason): it is
+        then recorded as rejected and never reaches ``aggregate_round``."""
 
     @abstractmethod
     def aggregate_round(self, rnd: int, replies: list[Uplink]) -> Aggregate:

@@ -22,8 +22,7 @@ from federation import run_layout as layout
 from attacks.empirical_epsilon import clopper_pearson_epsilon, one_run_ceiling, one_run_epsilon
 from attacks.latent_fit import fit_latents
 from attacks.lipschitz import lipschitz_bracket
-from attacks.membership import (LatentFitAttack, MonteCarloAttack, NearestSampleAttack, ReferenceCalibrated,
-                                membership_game)
+from attacks.membership import LatentFitAttack, membership_game, membership_scores
 from attacks.mia_metrics import membership_metrics, roc_arrays
 from attacks.outlier_reconstruction import domain_classifier, reconstruct_groups
 from attacks.outlier_verdicts import outlier_verdicts
@@ -106,21 +105,9 @@ def _load(dataset: str, split: str, provenance: dict, data_root, cfg: Experiment
     return data
 
 
-def _attacks(a, calibrated: bool) -> dict:
-    """name -> (reference decoder or None -> a fresh attack)."""
-    def latent():
-        return LatentFitAttack(a.latent_fit_lambda, a.latent_fit_init, a.latent_fit_restarts, a.latent_fit_steps)
-
-    def mc():
-        return MonteCarloAttack(a.generated_samples)
-
-    def nearest():
-        return NearestSampleAttack(a.generated_samples)
-
-    out = {f().name: (lambda ref, f=f: f()) for f in (latent, mc, nearest)}
-    if calibrated:
-        out.update({f().name + "_calibrated": (lambda ref, f=f: ReferenceCalibrated(f, ref)) for f in (latent, mc)})
-    return out
+def _latent_options(a) -> dict:
+    return dict(lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=a.latent_fit_restarts,
+                steps=a.latent_fit_steps)
 
 
 def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None, seed: int | None = None,
@@ -256,10 +243,11 @@ def _membership(shared: SharedRun, clients, images, labels_of, a, references, se
         if not len(game.member_ids):
             continue
         target = shared.final(k)
-        records = images[game.ids]
-        for name, make in _attacks(a, references is not None).items():
-            attack = make(references[k] if references else None)
-            scores = attack.fit(target.decoder, target.latent_dim, seeded_generator(seed, 72, k)).score(records)
+        all_scores = membership_scores(target.decoder, target.latent_dim, images[game.ids],
+                                       lambda: seeded_generator(seed, 72, k), latent_options=_latent_options(a),
+                                       samples=a.generated_samples,
+                                       reference=references[k] if references else None)
+        for name, scores in all_scores.items():
             pooled.setdefault(name, []).append(scores)
             per_attack.setdefault(name, {"clients": {}})["clients"][str(k)] = membership_metrics(
                 scores, game.labels, a.bootstrap, seed)
@@ -311,13 +299,11 @@ def _outliers(shared, part, images, test, out_train, out_test, a, seed, run) -> 
               "inliers": images[np.sort(inlier_ids)]}
     typical, other = to_tensor(test.images), to_tensor(out_test.images)
     classifier = domain_classifier(typical, other, seed)
-    fit_options = dict(lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=a.latent_fit_restarts,
-                       steps=a.latent_fit_steps)
     # neighbours from both public test splits: a reconstruction counts only if it is much closer to its
     # own record than to any public image of either dataset, not merely unlike the main dataset
     summary, recons = reconstruct_groups(target.decoder, target.latent_dim, groups, torch.cat([typical, other]),
                                          classifier, seeded_generator(seed, 73, k),
-                                         threshold=a.reconstruction_threshold, fit_options=fit_options)
+                                         threshold=a.reconstruction_threshold, fit_options=_latent_options(a))
     from federation.metrics.figures import sample_grid
 
     figures = {}
@@ -372,7 +358,7 @@ def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence) -> d
     k = c["client"]
     target = shared.final(k)
     included = np.asarray(c["included"], bool)
-    attack = LatentFitAttack(a.latent_fit_lambda, a.latent_fit_init, a.latent_fit_restarts, a.latent_fit_steps)
+    attack = LatentFitAttack(**_latent_options(a))
     scores = attack.fit(target.decoder, target.latent_dim, seeded_generator(seed, 75, k)).score(
         to_tensor(out_train.images[np.asarray(c["ids"])]))
     evidence.update(canary_scores=scores, canary_included=included)

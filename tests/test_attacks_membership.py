@@ -219,3 +219,25 @@ def test_metrics_refuse_scores_that_are_not_finite_or_a_single_group():
         point_metrics(np.array([0.1, np.nan, 0.3]), np.array([True, False, False]))
     with pytest.raises(ValueError, match="both"):
         point_metrics(np.array([0.1, 0.2]), np.array([True, True]))
+
+
+def test_membership_scores_equal_each_attack_run_on_its_own(digits):
+    """Sharing the target's latent fit and generated samples across attacks changes no score."""
+    from attacks.membership import membership_scores
+
+    x, ids = digits
+    target = VAE(SPEC, torch.Generator().manual_seed(1)).decoder.eval().requires_grad_(False)
+    reference = VAE(SPEC, torch.Generator().manual_seed(2)).decoder.eval().requires_grad_(False)
+    records = x[ids[:24]]
+    options = dict(lam=0.01, init=64, restarts=2, steps=4)
+    got = membership_scores(target, 2, records, lambda: seeded_generator(7), latent_options=options, samples=300,
+                            reference=reference)
+    alone = {"white_box_latent_fit": LatentFitAttack(**options), "monte_carlo": MonteCarloAttack(300),
+             "nearest_generated_sample": NearestSampleAttack(300),
+             "white_box_latent_fit_calibrated": ReferenceCalibrated(lambda: LatentFitAttack(**options), reference),
+             "monte_carlo_calibrated": ReferenceCalibrated(lambda: MonteCarloAttack(300), reference)}
+    assert list(got) == list(alone)
+    for name, attack in alone.items():
+        want = attack.fit(target, 2, seeded_generator(7)).score(records)
+        assert np.array_equal(got[name], want), name
+    assert not np.array_equal(got["monte_carlo"], got["monte_carlo_calibrated"])  # the reference really counts

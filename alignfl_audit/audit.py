@@ -26,6 +26,7 @@ from attacks.membership import LatentFitAttack, membership_game, membership_scor
 from attacks.mia_metrics import membership_metrics, roc_arrays
 from attacks.outlier_reconstruction import domain_classifier, reconstruct_groups
 from attacks.outlier_verdicts import outlier_verdicts
+from attacks.reference_cache import ReferenceCache, key_material
 from attacks.reference_models import ReferenceRecipe, train_reference_decoder
 from attacks.sensitivity import audit_sensitivity
 from attacks.shared_artifacts import SharedRun, load_shared_run
@@ -111,7 +112,9 @@ def _latent_options(a) -> dict:
 
 
 def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None, seed: int | None = None,
-              quiet: bool = False) -> Path:
+              quiet: bool = False, reference_cache: str | Path | None = None) -> Path:
+    """Audit a finished run; ``reference_cache``: a folder of reference decoders shared across audits
+    (``attacks.reference_cache``; None: every reference is trained here)."""
     started = time.perf_counter()
     run = RunDir(run_dir)
     shared = load_shared_run(run.path)
@@ -155,8 +158,9 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
         timing[phase] = round(time.perf_counter() - t0, 2)
         return result
 
-    references = timed("references", _references, shared, clients, cfg, test, seed, tick) \
-        if a.reference_models else None
+    cache = ReferenceCache(reference_cache) if reference_cache is not None else None
+    references, reference_origin = timed("references", _references, shared, clients, cfg, test, seed, tick, cache,
+                                         run.path) if a.reference_models else (None, None)
     evidence: dict[str, np.ndarray] = {}
     mia, games = timed("membership", _membership, shared, clients, images, train.labels, a, references, seed,
                        evidence, tick)
@@ -185,6 +189,7 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
                       "carry_a_decoder": any(d.decoder is not None for d in shared.downlinks)},
         "rejected_uploads": shared.rejected,
         "mia": mia,
+        "reference_models": reference_origin,
         "membership_game": {
             "design": "class-matched: members are a seeded random subset of each client's training records; "
                       "for every class, as many non-members of that class come from the client's held-out "
@@ -214,20 +219,32 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     return run.file(layout.AUDIT)
 
 
-def _references(shared: SharedRun, clients, cfg, test, seed, tick) -> dict:
+def _references(shared: SharedRun, clients, cfg, test, seed, tick, cache: ReferenceCache | None,
+                run_path) -> tuple[dict, dict]:
     """One reference decoder per client: the client's recipe on the public test split's records of the
-    client's classes (population data the client never held)."""
+    client's classes (population data the client never held). With a ``cache``, a reference trained
+    before from exactly the same material is read from it; where each came from is recorded."""
     t = cfg.training
     recipe = ReferenceRecipe(cfg.audit.reference_epochs or t.rounds * t.local_epochs, t.batch_size, t.lr,
                              t.lambda_kl, cfg.privacy.lcd_lambda if cfg.privacy.mechanism == "lcd" else 0.0)
-    refs = {}
+    refs, origin = {}, {}
     for c in clients:
         k = c["client"]
         mask = np.isin(test.labels, c["classes"]) if c["classes"] else np.ones(len(test.labels), bool)
-        spec = shared.final(k).spec
-        refs[k] = train_reference_decoder(spec, to_tensor(test.images[mask]), recipe, seeded_generator(seed, 71, k))
+        spec, population = shared.final(k).spec, to_tensor(test.images[mask])
+        stream = (seed, 71, k)
+        t0 = time.perf_counter()
+        material = key_material(test.dataset, c["classes"], population, spec, recipe, stream) if cache else None
+        decoder, record = cache.load(material) if cache else (None, {"cache": None, "hit": False})
+        if decoder is None:
+            decoder = train_reference_decoder(spec, population, recipe, seeded_generator(*stream))
+            if cache:
+                cache.store(material, decoder, str(run_path))
+        refs[k] = decoder
+        origin[str(k)] = {**record, "source": "cache" if record["hit"] else "trained here",
+                          "seconds": round(time.perf_counter() - t0, 2)}
         tick(f"reference {k}")
-    return refs
+    return refs, origin
 
 
 def _membership(shared: SharedRun, clients, images, labels_of, a, references, seed, evidence, tick):
@@ -330,7 +347,10 @@ def _lipschitz(shared: SharedRun, clients, images, labels_of, a, seed) -> dict:
         k = c["client"]
         member_ids = membership_game(c, min(64, a.members_per_client), seed, labels_of).member_ids
         per_round = {}
-        for rnd, d in sorted(shared.decoders[k].items()):
+        rounds = sorted(shared.decoders[k])
+        chosen = bracketed_rounds(rounds, a.lipschitz_rounds)
+        for rnd in chosen:
+            d = shared.decoders[k][rnd]
             latents = None
             if len(member_ids):
                 latents = fit_latents(d.decoder, images[member_ids], d.latent_dim, seeded_generator(seed, 74, k, rnd),
@@ -341,8 +361,18 @@ def _lipschitz(shared: SharedRun, clients, images, labels_of, a, seed) -> dict:
                                                     ascent_steps=a.lipschitz_ascent_steps, seed=seed)
         final = per_round[str(max(shared.decoders[k]))]
         out[str(k)] = {"lower": final["lower"], "upper": final["upper"],
-                       "reference_grad_sum_max": final["reference_grad_sum_max"], "rounds": per_round}
+                       "reference_grad_sum_max": final["reference_grad_sum_max"], "rounds": per_round,
+                       "rounds_not_bracketed": [r for r in rounds if r not in chosen]}
     return out
+
+
+def bracketed_rounds(rounds: list[int], count: int | None) -> list[int]:
+    """``count`` of the sorted ``rounds``, evenly spaced, first and last included (all when None)."""
+    if count is None or count >= len(rounds):
+        return list(rounds)
+    if count == 1:
+        return [rounds[-1]]
+    return sorted({rounds[round(i * (len(rounds) - 1) / (count - 1))] for i in range(count)})
 
 
 def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence) -> dict | None:

@@ -168,7 +168,8 @@ def _audit(args: argparse.Namespace) -> int:
     overrides = _parse_sets(args.set)
     from alignfl_audit.audit import run_audit  # the attack stack loads only when asked for
 
-    path = run_audit(args.run_dir, data_root=args.data_root, overrides=overrides, seed=args.seed, quiet=args.quiet)
+    path = run_audit(args.run_dir, data_root=args.data_root, overrides=overrides, seed=args.seed, quiet=args.quiet,
+                     reference_cache=args.reference_cache)
     _print_audit(path)
     return 0
 
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--seed", type=int, help="audit seed (default: the run's seed)")
     aud.add_argument("--set", action="append", metavar="audit.KEY=VALUE", help="override an audit setting")
     aud.add_argument("--quiet", action="store_true", help="no progress bars")
+    aud.add_argument("--reference-cache", metavar="DIR",
+                     help="read reference decoders trained before from the same material from DIR, and keep new "
+                          "ones there (audit.json records each one's source and cache key; default: train all)")
     aud.set_defaults(func=_audit)
 
     rep = sub.add_parser(

@@ -73,6 +73,9 @@ class AuditConfig:
     typical_mapping_rate: float = TYPICAL_MAPPING_RATE
     lipschitz_prior_points: int = 256
     lipschitz_ascent_steps: int = 20
+    # rounds whose decoders get a Lipschitz bracket, per client: None = every round it shared; N = N rounds
+    # evenly spaced over them, always with its final one (the bracket the report's summary shows)
+    lipschitz_rounds: typing.Optional[int] = None
     canary_guesses: float = 0.2  # one-run audit: guess "in"/"out" for this fraction of canaries each side
 
 
@@ -183,6 +186,8 @@ def _check_audit(a: AuditConfig) -> None:
                  "generated_samples", "bootstrap", "inliers", "lipschitz_prior_points"):
         if getattr(a, name) <= 0:
             raise ConfigError(f"audit.{name} must be > 0, got {getattr(a, name)}")
+    if a.lipschitz_rounds is not None and a.lipschitz_rounds <= 0:
+        raise ConfigError(f"audit.lipschitz_rounds must be > 0 (or null for every round), got {a.lipschitz_rounds}")
     if a.reference_epochs is not None and a.reference_epochs <= 0:
         raise ConfigError(f"audit.reference_epochs must be > 0, got {a.reference_epochs}")
     if a.lipschitz_ascent_steps < 0 or not a.latent_fit_lambda >= 0:

@@ -226,7 +226,8 @@ def _references(shared: SharedRun, clients, cfg, test, seed, tick, cache: Refere
     before from exactly the same material is read from it; where each came from is recorded."""
     t = cfg.training
     recipe = ReferenceRecipe(cfg.audit.reference_epochs or t.rounds * t.local_epochs, t.batch_size, t.lr,
-                             t.lambda_kl, cfg.privacy.lcd_lambda if cfg.privacy.mechanism == "lcd" else 0.0)
+                             t.lambda_kl, cfg.privacy.lcd_lambda if cfg.privacy.mechanism == "lcd" else 0.0,
+                             t.precision)
     refs, origin = {}, {}
     for c in clients:
         k = c["client"]

@@ -22,6 +22,7 @@ from federation.data.sources import OTHER_DATASET, check_dataset_name
 from federation.errors import ConfigError, DataError
 from federation.models import normalize_spec
 from federation.engines import ENGINES, engine_settings_class
+from federation.precision import PRECISIONS
 from federation.privacy.spec import PrivacySpec
 from federation.strategies import STRATEGIES, strategy_class
 from federation.strategies.alignfl import AlignFLServerSettings, AlignFLSettings
@@ -173,8 +174,10 @@ class ExperimentConfig:
                               f"{', '.join(supported)} strategies, not {cls.name}")
         specs = self.client_specs()
         self.server_spec()
-        if self.privacy.is_dp and self.privacy.grad_sample_mode == "bk":
-            _check_bk(self.privacy, specs)
+        if self.training.precision not in PRECISIONS:
+            raise ConfigError(f"training.precision must be one of {', '.join(PRECISIONS)}, got {self.training.precision!r}")
+        if self.privacy.is_dp and (self.privacy.grad_sample_mode == "bk" or self.training.precision != "fp32"):
+            _check_bk(self.privacy, specs, self.training.precision)
         if cls.same_architecture and any(s != specs[0] for s in specs):
             raise ConfigError(f"{cls.name} averages parameters and needs one architecture for all "
                               "clients; the clients list differs")
@@ -217,9 +220,10 @@ def _check_canaries(count: int, a: AuditConfig, delta: float) -> None:
                           f"audit.alpha {a.alpha}: insert more canaries or guess a larger fraction")
 
 
-def _check_bk(privacy: PrivacySpec, specs: list[dict]) -> None:
+def _check_bk(privacy: PrivacySpec, specs: list[dict], precision: str = "fp32") -> None:
     """An explicit grad_sample_mode bk must fit every client's privatized module (built on the meta
-    device: no memory, no initialization cost)."""
+    device: no memory, no initialization cost); so must a precision other than fp32 with DP-SGD, which
+    only book-keeping clipping computes in float32 from a bfloat16 forward."""
     import torch
 
     from federation.models import VAE
@@ -228,7 +232,11 @@ def _check_bk(privacy: PrivacySpec, specs: list[dict]) -> None:
     for spec in {json.dumps(s, sort_keys=True): s for s in specs}.values():
         with torch.device("meta"):
             vae = VAE(spec)
-        resolve_grad_sample_mode(privacy, vae if privacy.scope == "full" else vae.decoder)
+        mode = resolve_grad_sample_mode(privacy, vae if privacy.scope == "full" else vae.decoder)
+        if precision != "fp32" and mode != "bk":
+            raise ConfigError(f"training.precision {precision} with DP-SGD needs grad_sample_mode bk (its per-sample "
+                              f"norms, clipped sums and noise stay float32), but the {spec['arch']} model runs {mode}; "
+                              "use training.precision fp32")
 
 
 # -------------------------------------------------------------------- parsing

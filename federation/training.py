@@ -42,7 +42,7 @@ def train_epochs(vae: VAE, optimizer: torch.optim.Optimizer, data: torch.Tensor,
         order = torch.randperm(n, generator=generator)
         total, batches = 0.0, 0
         for start in range(0, n, batch_size):
-            x = data[order[start:start + batch_size]]
+            x = data.index_select(0, order[start:start + batch_size])  # a gather, several times faster than data[idx]
             with forward_precision(precision):
                 recon, mu, logvar, z = vae.forward_with_latent(x, generator)
                 penalty = lcd_penalty(vae.decoder, z, generator) if lcd_lambda > 0 else None

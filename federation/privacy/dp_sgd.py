@@ -249,7 +249,7 @@ class DPTrainer:
         for _ in range(epochs):
             losses = []
             for idx in sampler:
-                loss = self.step(data[torch.as_tensor(idx, dtype=torch.long)])
+                loss = self.step(data.index_select(0, torch.as_tensor(idx, dtype=torch.long)))
                 steps += 1
                 if loss == loss:
                     losses.append(loss)

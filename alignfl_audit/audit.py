@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alignfl_audit import progress
 from alignfl_audit.config import ExperimentConfig, canary_guesses, from_dict, migrate_config
 from alignfl_audit.rundir import RunDir
 from federation import run_layout as layout
@@ -149,6 +150,7 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     def tick(msg: str) -> None:
         bar.set_postfix_str(msg)
         bar.update(1)
+        progress.advance()
 
     timing: dict[str, float] = {}
 

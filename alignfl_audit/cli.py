@@ -213,7 +213,8 @@ def _report(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from alignfl_audit.sweep import run_sweep
 
-    result = run_sweep(args.sweep, data_root=args.data_root, quiet=args.quiet)
+    result = run_sweep(args.sweep, data_root=args.data_root, quiet=args.quiet, overrides=_parse_sets(args.set),
+                       out=args.out)
     if result.report:
         print(f"report: {result.report}")
     if result.failed:
@@ -344,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("sweep", metavar="SWEEP.yaml")
     swp.add_argument("--data-root", metavar="DIR")
     swp.add_argument("--quiet", action="store_true", help="no progress bars")
+    swp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config key in every run, after the sweep file's own (repeatable)")
+    swp.add_argument("--out", metavar="DIR", help="output folder instead of the sweep file's 'out'")
     swp.set_defaults(func=_sweep)
 
     emp = sub.add_parser(

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alignfl_audit import progress
 from alignfl_audit.accounting import ledger_epsilons
 from alignfl_audit.checkpoint import load_checkpoint, restore, save_checkpoint
 from alignfl_audit.config import ExperimentConfig, dump_config
@@ -245,6 +246,7 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
                 _write_round_files(run, records, ledger)
                 save_checkpoint(run, rnd, cfg.digest(), strategy, engine, ledger, records)
                 bar.update(1)
+                progress.advance()
         late = engine.drain(strategy.rounds - 1)
         if late:  # replies that arrived after the last round: what they carry was shared, and is recorded
             statuses = {}
@@ -290,6 +292,7 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
     }
     run.write_json(layout.METRICS, metrics)
     run.set_status("complete")
+    progress.advance()
     # resume state holds every encoder and client state: it has no use once the run is complete, and a run
     # directory handed to an auditor must not carry what the threat model keeps from the adversary
     shutil.rmtree(run.file(layout.CHECKPOINTS), ignore_errors=True)
@@ -323,19 +326,21 @@ def participation_summary(cfg: ExperimentConfig, records: list[RoundRecord], cli
 
 
 def run_pipeline(cfg: ExperimentConfig, data_root: str | Path | None = None, out: str | Path | None = None,
-                 quiet: bool = False) -> RunDir:
+                 quiet: bool = False, reference_cache: str | Path | None = None) -> RunDir:
     """Train; then, as the config asks, audit the run (``audit: true``) and write report.html
-    (``report: true``). A failing audit or report leaves the finished run as it is."""
-    return after_run(cfg, run_experiment(cfg, data_root, out, quiet), data_root, quiet)
+    (``report: true``). A failing audit or report leaves the finished run as it is. ``reference_cache``:
+    the audit's folder of reference decoders shared across runs (a sweep's)."""
+    return after_run(cfg, run_experiment(cfg, data_root, out, quiet), data_root, quiet, reference_cache)
 
 
-def after_run(cfg: ExperimentConfig, run: RunDir, data_root=None, quiet: bool = False) -> RunDir:
+def after_run(cfg: ExperimentConfig, run: RunDir, data_root=None, quiet: bool = False,
+              reference_cache: str | Path | None = None) -> RunDir:
     """The audit and report a config asks for, on a finished run."""
     if cfg.audit.enabled:
         from alignfl_audit.audit import run_audit
 
         run.log("audit started")
-        run_audit(run.path, data_root=data_root, quiet=quiet)
+        run_audit(run.path, data_root=data_root, quiet=quiet, reference_cache=reference_cache)
         run.log(f"audit written: {layout.AUDIT}")
     if cfg.report:
         from reports.render import render_report

@@ -223,6 +223,7 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
     departures_ = departures(cfg.server)
     test_x, test_y = to_tensor(data.test.images), data.test.labels
     records: list[RoundRecord] = []
+    phases: dict[str, float] = {}  # seconds of this process's rounds: clients, server, probes
     first = 0
     state = load_checkpoint(run, cfg.digest()) if resume else None
     if state is not None:
@@ -237,10 +238,13 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
                   leave=False) as bar:
             for rnd in range(first, strategy.rounds):
                 bar.set_postfix_str(f"round {rnd}")
-                record, accepted = run_round(rnd, strategy, engine, run.shared_round(rnd), departures_, client_ids)
+                record, accepted = run_round(rnd, strategy, engine, run.shared_round(rnd), departures_, client_ids,
+                                             phases)
                 ledger.merge(accepted.dp_events, accepted.unaccounted)
                 if cfg.metrics.probe_every_round:
+                    t0 = time.perf_counter()
                     record.probe = probe(strategy.global_vae, test_x, test_y, cfg.seed, cfg.metrics.probe_max_iter)
+                    phases["probes"] = phases.get("probes", 0.0) + time.perf_counter() - t0
                 records.append(record)
                 run.log(f"round {rnd}: " + _summary(record))
                 _write_round_files(run, records, ledger)
@@ -286,6 +290,8 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
                                   for s in partition.shards],
                       "outlier_controls": int(len(partition.outlier_control_ids))},
         "timing_seconds": {"train": round(train_seconds, 2),
+                           **{k: round(v, 2) for k, v in phases.items()},  # within train (a resumed run: its part)
+                           "metrics": round(time.perf_counter() - started - train_seconds, 2),
                            "total": round(time.perf_counter() - started, 2)},
         "torch_threads": torch.get_num_threads(),
         "provenance": provenance(),

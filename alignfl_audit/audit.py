@@ -109,7 +109,7 @@ def _load(dataset: str, split: str, provenance: dict, data_root, cfg: Experiment
 
 def _latent_options(a) -> dict:
     return dict(lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=a.latent_fit_restarts,
-                steps=a.latent_fit_steps)
+                steps=a.latent_fit_steps, precision=a.latent_fit_precision)
 
 
 def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None, seed: int | None = None,
@@ -357,8 +357,7 @@ def _lipschitz(shared: SharedRun, clients, images, labels_of, a, seed) -> dict:
             latents = None
             if len(member_ids):
                 latents = fit_latents(d.decoder, images[member_ids], d.latent_dim, seeded_generator(seed, 74, k, rnd),
-                                      lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=1,
-                                      steps=a.latent_fit_steps).latents
+                                      **{**_latent_options(a), "restarts": 1}).latents
             per_round[str(rnd)] = lipschitz_bracket(d.decoder, d.latent_dim, candidate_latents=latents,
                                                     n_prior=a.lipschitz_prior_points,
                                                     ascent_steps=a.lipschitz_ascent_steps, seed=seed)

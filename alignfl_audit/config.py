@@ -61,6 +61,7 @@ class AuditConfig:
     latent_fit_restarts: int = 3  # best prior inits refined per record
     latent_fit_init: int = 1024  # prior samples decoded once to seed the restarts
     latent_fit_lambda: float = 0.01  # weight of ||z||^2 in the latent-fit objective
+    latent_fit_precision: str = "fp32"  # fp32 | bf16: the decoder's precision while latents are refined
     generated_samples: int = 10000  # Monte-Carlo and nearest-sample attacks
     reference_models: bool = True  # reference-calibrated attacks (one reference VAE per client)
     reference_epochs: typing.Optional[int] = None  # default: the run's rounds x local_epochs
@@ -189,6 +190,9 @@ def _check_audit(a: AuditConfig) -> None:
                  "generated_samples", "bootstrap", "inliers", "lipschitz_prior_points"):
         if getattr(a, name) <= 0:
             raise ConfigError(f"audit.{name} must be > 0, got {getattr(a, name)}")
+    if a.latent_fit_precision not in PRECISIONS:
+        raise ConfigError(f"audit.latent_fit_precision must be one of {', '.join(PRECISIONS)}, "
+                          f"got {a.latent_fit_precision!r}")
     if a.lipschitz_rounds is not None and a.lipschitz_rounds <= 0:
         raise ConfigError(f"audit.lipschitz_rounds must be > 0 (or null for every round), got {a.lipschitz_rounds}")
     if a.reference_epochs is not None and a.reference_epochs <= 0:

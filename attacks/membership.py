@@ -86,8 +86,9 @@ def membership_game(client_record: dict, size: int, seed: int, labels: np.ndarra
 class LatentFitAttack:
     name = "white_box_latent_fit"
 
-    def __init__(self, lam: float = 0.01, init: int = 1024, restarts: int = 3, steps: int = 60):
-        self.options = dict(lam=lam, init=init, restarts=restarts, steps=steps)
+    def __init__(self, lam: float = 0.01, init: int = 1024, restarts: int = 3, steps: int = 60,
+                 precision: str = "fp32"):
+        self.options = dict(lam=lam, init=init, restarts=restarts, steps=steps, precision=precision)
 
     def fit(self, decoder: nn.Module, latent_dim: int, generator: torch.Generator) -> "LatentFitAttack":
         self.decoder, self.latent_dim, self.generator = decoder, latent_dim, generator

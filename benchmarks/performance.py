@@ -16,7 +16,9 @@ reference commit predates them) and ``--after-set`` ones (e.g. ``training.precis
     python benchmarks/performance.py --before-worktree ../wt-v1 --config configs/paper-mnist.yaml \\
         --data-root ../shared/datasets --threads 2 --repeats 1 --seeds 0 1
 
-Results: ``benchmarks/results/performance.json`` (``--output`` to change it).
+Results: ``benchmarks/results/performance.json`` (``--output`` to change it). ``--reuse-before FILE`` takes
+the before side's runs from an earlier results file (same reference commit, config, thread count and
+seeds) and runs only the after side, e.g. to measure another ``--after-set`` against the same reference.
 """
 from __future__ import annotations
 
@@ -84,6 +86,16 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     return out
 
 
+def _reused_before(args, before: str) -> list[dict]:
+    earlier = json.loads(Path(args.reuse_before).read_text())
+    mine = {"reference_commit": commit(before), "config": args.config, "threads": args.threads,
+            "seeds": args.seeds, "both_sides_set": args.set}
+    differ = {k: (earlier.get(k), v) for k, v in mine.items() if earlier.get(k) != v}
+    if differ:
+        raise SystemExit(f"--reuse-before {args.reuse_before}: measured under other settings {differ}")
+    return earlier["runs"]["before"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before-worktree", required=True, help="a git worktree of the reference commit")
@@ -99,20 +111,24 @@ def main() -> None:
     parser.add_argument("--after-set", action="append", default=[], metavar="KEY=VALUE",
                         help="after side only: the settings under test (e.g. training.precision=bf16)")
     parser.add_argument("--output", default=str(HERE / "results" / "performance.json"))
+    parser.add_argument("--reuse-before", metavar="FILE", help="the before runs of an earlier results file")
     args = parser.parse_args()
     before = str(Path(args.before_worktree).resolve())
     if args.data_root:  # each side runs in its own worktree
         args.data_root = str(Path(args.data_root).resolve())
     same_work = args.same_work if args.same_work is not None else ["partition.canaries.count=0"]
     after_sets = args.set + same_work + args.after_set
+    reused = _reused_before(args, before) if args.reuse_before else None
     cache = tempfile.mkdtemp(prefix="perf-cache-")  # the domain CNNs, one per side
-    warm_domain_cnn(before, args.config, args.set, args.data_root, args.threads, cache)
+    if reused is None:
+        warm_domain_cnn(before, args.config, args.set, args.data_root, args.threads, cache)
     warm_domain_cnn(str(ROOT), args.config, after_sets, args.data_root, args.threads, cache)
-    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    runs: dict[str, list[dict]] = {"before": list(reused or []), "after": []}
     for repeat in range(args.repeats):
         for seed in args.seeds:
-            runs["before"].append(one_run("before", before, args.config, seed, args.set, args.threads,
-                                          args.data_root, cache))
+            if reused is None:
+                runs["before"].append(one_run("before", before, args.config, seed, args.set, args.threads,
+                                              args.data_root, cache))
             runs["after"].append(one_run("after", str(ROOT), args.config, seed, after_sets, args.threads,
                                          args.data_root, cache))
             print(json.dumps({"repeat": repeat, "seed": seed,
@@ -125,6 +141,8 @@ def main() -> None:
         "phases": summarize(runs),
         "utility_and_leakage": {side: [{k: r[k] for k in ("seed", "probe_accuracy", "best_auc", "best_attack")}
                                        for r in side_runs] for side, side_runs in runs.items()},
+        "before_reused_from": args.reuse_before,
+        "runs": runs,
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -165,3 +165,23 @@ def test_bf16_is_refused_where_its_clipping_would_not_be_float32(overrides, mess
         cfg["model"] = overrides["model"]  # replace the base's mlp spec rather than merge into it
     with pytest.raises(ConfigError, match=message):
         from_dict(cfg)
+
+
+def test_a_bf16_latent_fit_searches_in_bfloat16_and_scores_in_float32():
+    from attacks.latent_fit import fit_latents
+
+    decoder = VAE(SPEC, torch.Generator().manual_seed(0)).decoder.eval().requires_grad_(False)
+    dtypes = set()
+    decoder.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    fits = {p: fit_latents(decoder, _records(12), 2, torch.Generator().manual_seed(4), init=64, steps=5, precision=p)
+            for p in ("fp32", "bf16")}
+    assert dtypes == {torch.float32, torch.bfloat16}
+    for fit in fits.values():
+        assert all(t.dtype == torch.float32 for t in (fit.latents, fit.reconstructions, fit.objective, fit.distance))
+    # the score is the float32 objective of the latent found: exactly recomputable from it
+    again = (decoder(fits["bf16"].latents).flatten(1) - _records(12).flatten(1)).pow(2).sum(1) \
+        + 0.01 * fits["bf16"].latents.pow(2).sum(1)
+    torch.testing.assert_close(fits["bf16"].objective, again)
+    assert torch.allclose(fits["bf16"].objective, fits["fp32"].objective, rtol=1e-2)
+    with pytest.raises(ConfigError, match="audit.latent_fit_precision must be one of fp32, bf16"):
+        from_dict(tiny_config(audit={"latent_fit_precision": "fp16"}))

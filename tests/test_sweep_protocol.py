@@ -40,8 +40,11 @@ def test_the_paper_protocol_is_the_four_systems_on_paper_mnist():
 
 
 def test_a_sweep_shares_references_across_bases_and_counts_every_step(tmp_path, monkeypatch):
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config(audit=AUDIT)))
-    (tmp_path / "base-fedavg.yaml").write_text(yaml.safe_dump(tiny_config(audit=AUDIT, strategy={"name": "fedavg"})))
+    small = dict(audit=AUDIT, metrics={"probe_every_round": False},
+                 partition={"client_classes": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], "samples_per_class": 12,
+                            "holdout_per_class": 6})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config(**small)))
+    (tmp_path / "base-fedavg.yaml").write_text(yaml.safe_dump(tiny_config(**small, strategy={"name": "fedavg"})))
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({"name": "mini", "base": "base.yaml", "out": str(tmp_path / "unused"),
                                     "runs": [{"label": "alignfl"}, {"label": "fedavg", "base": "base-fedavg.yaml"}]}))
@@ -65,11 +68,11 @@ def test_a_sweep_shares_references_across_bases_and_counts_every_step(tmp_path, 
     cfg = yaml.safe_load((out / "fedavg-seed0" / "config.resolved.yaml").read_text())
     assert cfg["strategy"]["name"] == "fedavg" and cfg["training"]["lambda_kl"] == 0.5
     bar = bars[0].bar
-    assert bar.total == bar.n == 2 * (1 + 1 + 3 * 2 + 3)  # per run: its round, metrics, audit steps
+    assert bar.total == bar.n == 2 * (1 + 1 + 2 * 2 + 3)  # per run: its round, metrics, audit steps
     assert "sweep" in bar.fp.getvalue() and "<" in bar.fp.getvalue()  # elapsed<remaining
 
     cfg = next(c for _, c in _configs(load_sweep(path), {}))
-    assert run_steps(cfg) == 1 + 1 + 3 * 2 + 3
+    assert run_steps(cfg) == 1 + 1 + 2 * 2 + 3
 
 
 def test_sweep_entries_are_checked(tmp_path, capsys):

@@ -55,7 +55,8 @@ def _records(n: int) -> torch.Tensor:
 
 def test_a_bf16_dp_step_clips_and_noises_in_float32(monkeypatch):
     trainer = _trainer("bf16", sigma=1.0, bound=0.5)
-    seen = {"records": set(), "norms": None, "sums": set(), "noise": set(), "grads": set()}
+    seen = {"forward": set(), "records": set(), "norms": None, "sums": set(), "noise": set(), "grads": set()}
+    trainer.vae.decoder.register_forward_hook(lambda m, i, o: seen["forward"].add(o.dtype))
     real_backprops, real_sums = LinearBookkeeper.backprops, LinearBookkeeper.clipped_sums
     real_bound, real_noise, real_adam = trainer.rule.bound, dp_sgd._generate_noise, trainer.adam.step
 
@@ -88,9 +89,9 @@ def test_a_bf16_dp_step_clips_and_noises_in_float32(monkeypatch):
     monkeypatch.setattr(dp_sgd, "_generate_noise", noise)
     monkeypatch.setattr(trainer.adam, "step", adam_step)
     trainer.step(_records(10))
-    assert torch.bfloat16 in seen["records"]  # the forward really ran in bfloat16 ...
+    assert seen["forward"] == {torch.bfloat16}  # the forward really ran in bfloat16 ...
     assert seen["norms"] == torch.float32  # ... and the clipping and noise did not
-    assert seen["sums"] == seen["noise"] == seen["grads"] == {torch.float32}
+    assert seen["records"] == seen["sums"] == seen["noise"] == seen["grads"] == {torch.float32}
     assert all(p.dtype == torch.float32 for p in trainer.vae.parameters())
 
 

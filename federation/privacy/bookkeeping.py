@@ -90,10 +90,12 @@ class LinearBookkeeper:
         """(layer, A_l, G_l) per Linear layer, G_l = d(sum_i loss_i)/d(out_l): row i is sample i's
         gradient with respect to the layer's output. One backward pass that stops at the recorded
         outputs (no weight gradients, no gradient for the module input). A layer that was not called,
-        or whose output does not reach the loss, gets (None, None)."""
+        or whose output does not reach the loss, gets (None, None). Records narrower than float32 (a
+        bfloat16 forward) are widened here, once, for the norms and the clipped sums alike."""
         used = [layer for layer in self.layers if layer in self._records]
         grads = torch.autograd.grad(losses.sum(), [self._records[layer][1] for layer in used], allow_unused=True)
-        got = {layer: (self._records[layer][0], g) for layer, g in zip(used, grads)}
+        got = {layer: (_widened(self._records[layer][0]), None if g is None else _widened(g))
+               for layer, g in zip(used, grads)}
         return [(layer, *got.get(layer, (None, None))) for layer in self.layers]
 
     @staticmethod

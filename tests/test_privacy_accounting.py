@@ -268,18 +268,3 @@ def test_adaptive_clipping_needs_sigma_below_twice_the_count_noise():
     check_adaptive(spec, 3.99, 2.0)  # allowed
     fixed = PrivacySpec(mechanism="dp-sgd", noise_multiplier=5.0, clipping="fixed").validate()
     check_adaptive(fixed, 5.0, 2.0)  # the rule only binds adaptive clipping
-
-
-def test_spent_epsilon_composes_rounds_of_one_mechanism_as_one_event():
-    """Ten rounds of one (sigma, q) cost what their summed steps cost: the budget check evaluates the
-    mechanism once, and its answer equals the per-round composition."""
-    from opacus.accountants import RDPAccountant
-
-    spec = PrivacySpec(mechanism="dp-sgd", target_epsilon=4.0, delta=1e-5).validate()
-    rounds = [(1.1, 0.02, 500)] * 10
-    per_round = RDPAccountant()
-    per_round.history = list(rounds)
-    assert spent_epsilon(spec, rounds) == pytest.approx(per_round.get_epsilon(delta=1e-5), rel=1e-12)
-    assert spent_epsilon(spec, rounds) == spent_epsilon(spec, [(1.1, 0.02, 5000)])
-    changed = rounds[:5] + [(1.3, 0.02, 500)] + rounds[5:]  # a different mechanism in between is kept apart
-    assert spent_epsilon(spec, changed) < spent_epsilon(spec, rounds + [(1.1, 0.02, 500)])

@@ -31,19 +31,10 @@ def calibrate_noise(spec: PrivacySpec, sample_rate: float, total_steps: int) -> 
 
 
 def spent_epsilon(spec: PrivacySpec, history: list[tuple[float, float, int]]) -> float:
-    """Epsilon of ``history`` ((sigma, q, steps) per event) by the calibration accountant. Consecutive
-    events of one mechanism (same sigma and q) are handed over as one event with their steps summed, as
-    Opacus's accountants record steps themselves: one evaluation per mechanism, not one per round."""
     if not history:
         return 0.0
-    merged: list[tuple[float, float, int]] = []
-    for sigma, q, steps in history:
-        if merged and merged[-1][:2] == (sigma, q):
-            merged[-1] = (sigma, q, merged[-1][2] + steps)
-        else:
-            merged.append((sigma, q, steps))
     acc = create_accountant(spec.calibration_accountant)
-    acc.history = merged
+    acc.history = list(history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(acc.get_epsilon(delta=spec.delta))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alignfl_audit import progress
 from alignfl_audit.audit_summary import audit_summary
 from alignfl_audit.config import ExperimentConfig, canary_guesses, from_dict, migrate_config
 from alignfl_audit.rundir import RunDir
@@ -23,11 +24,12 @@ from federation import run_layout as layout
 from attacks.empirical_epsilon import clopper_pearson_epsilon, one_run_ceiling, one_run_epsilon
 from attacks.latent_fit import fit_latents
 from attacks.lipschitz import lipschitz_bracket
-from attacks.membership import (LatentFitAttack, MonteCarloAttack, NearestSampleAttack, ReferenceCalibrated,
-                                membership_game)
+from attacks.membership import (LatentFitAttack, MonteCarloAttack, NearestSampleAttack, membership_game,
+                                membership_scores)
 from attacks.mia_metrics import membership_metrics, roc_arrays
 from attacks.outlier_reconstruction import domain_classifier, reconstruct_groups
 from attacks.outlier_verdicts import outlier_verdicts
+from attacks.reference_cache import ReferenceCache, key_material
 from attacks.reference_models import ReferenceRecipe, train_reference_decoder
 from attacks.selection import largest_ceiling
 from attacks.sensitivity import audit_sensitivity
@@ -111,11 +113,12 @@ def _load(dataset: str, split: str, provenance: dict, data_root, cfg: Experiment
 
 def _latent_options(a) -> dict:
     return dict(lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=a.latent_fit_restarts,
-                steps=a.latent_fit_steps)
+                steps=a.latent_fit_steps, precision=a.latent_fit_precision)
 
 
-def _attacks(a, calibrated: bool) -> dict:
-    """name -> (reference decoder or None -> a fresh attack)."""
+def _attacks(a) -> dict:
+    """name -> (None -> a fresh attack), for FedHypeVAE, whose decoders the code search generates per class
+    (the reference-calibrated attacks do not apply: no decoder is shared)."""
     def latent():
         return LatentFitAttack(**_latent_options(a))
 
@@ -125,14 +128,13 @@ def _attacks(a, calibrated: bool) -> dict:
     def nearest():
         return NearestSampleAttack(a.generated_samples)
 
-    out = {f().name: (lambda ref, f=f: f()) for f in (latent, mc, nearest)}
-    if calibrated:
-        out.update({f().name + "_calibrated": (lambda ref, f=f: ReferenceCalibrated(f, ref)) for f in (latent, mc)})
-    return out
+    return {f().name: (lambda ref, f=f: f()) for f in (latent, mc, nearest)}
 
 
 def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None, seed: int | None = None,
-              quiet: bool = False) -> Path:
+              quiet: bool = False, reference_cache: str | Path | None = None) -> Path:
+    """Audit a finished run; ``reference_cache``: a folder of reference decoders shared across audits
+    (``attacks.reference_cache``; None: every reference is trained here)."""
     started = time.perf_counter()
     run = RunDir(run_dir)
     shared = load_shared_run(run.path)
@@ -175,6 +177,7 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     def tick(msg: str) -> None:
         bar.set_postfix_str(msg)
         bar.update(1)
+        progress.advance()
 
     timing: dict[str, float] = {}
 
@@ -184,7 +187,9 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
         timing[phase] = round(time.perf_counter() - t0, 2)
         return result
 
-    references = timed("references", _references, shared, clients, cfg, test, seed, tick) if calibrated else None
+    cache = ReferenceCache(reference_cache) if reference_cache is not None else None
+    references, reference_origin = timed("references", _references, shared, clients, cfg, test, seed, tick, cache,
+                                         run.path) if calibrated else (None, None)
     evidence: dict[str, np.ndarray] = {}
     mia, games = timed("membership", _membership, shared, clients, images, train.labels, a, references, seed,
                        evidence, tick, hyper)
@@ -213,14 +218,15 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
         **({} if hyper is None else {
             "code_search": {"clients": hyper.search,
                             "method": "from each client's public anchor, jointly with one latent per candidate record "
-                                      "of its membership game (attacks/hyper_code.py)"},
-            "reference_models": "not applicable: the reference-calibrated attacks train a reference of a shared "
-                                "decoder's recipe; FedHypeVAE shares no decoder"}),
+                                      "of its membership game (attacks/hyper_code.py)"}}),
         "downlinks": {"messages": len(shared.downlinks),
                       "kinds": sorted({d.kind for d in shared.downlinks}),
                       "carry_a_decoder": any(d.decoder is not None for d in shared.downlinks)},
         "rejected_uploads": shared.rejected,
         "mia": mia,
+        "reference_models": reference_origin if hyper is None else (
+            "not applicable: the reference-calibrated attacks train a reference of a shared decoder's recipe; "
+            "FedHypeVAE shares no decoder"),
         "membership_game": {
             "design": "class-matched: members are a seeded random subset of each client's training records; "
                       "for every class, as many non-members of that class come from the client's held-out "
@@ -251,20 +257,33 @@ def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None
     return run.file(layout.AUDIT)
 
 
-def _references(shared: SharedRun, clients, cfg, test, seed, tick) -> dict:
+def _references(shared: SharedRun, clients, cfg, test, seed, tick, cache: ReferenceCache | None,
+                run_path) -> tuple[dict, dict]:
     """One reference decoder per client: the client's recipe on the public test split's records of the
-    client's classes (population data the client never held)."""
+    client's classes (population data the client never held). With a ``cache``, a reference trained
+    before from exactly the same material is read from it; where each came from is recorded."""
     t = cfg.training
     recipe = ReferenceRecipe(cfg.audit.reference_epochs or t.rounds * t.local_epochs, t.batch_size, t.lr,
-                             t.lambda_kl, cfg.privacy.lcd_lambda if cfg.privacy.mechanism == "lcd" else 0.0)
-    refs = {}
+                             t.lambda_kl, cfg.privacy.lcd_lambda if cfg.privacy.mechanism == "lcd" else 0.0,
+                             t.precision)
+    refs, origin = {}, {}
     for c in clients:
         k = c["client"]
         mask = np.isin(test.labels, c["classes"]) if c["classes"] else np.ones(len(test.labels), bool)
-        spec = shared.final(k).spec
-        refs[k] = train_reference_decoder(spec, to_tensor(test.images[mask]), recipe, seeded_generator(seed, 71, k))
+        spec, population = shared.final(k).spec, to_tensor(test.images[mask])
+        stream = (seed, 71, k)
+        t0 = time.perf_counter()
+        material = key_material(test.dataset, c["classes"], population, spec, recipe, stream) if cache else None
+        decoder, record = cache.load(material) if cache else (None, {"cache": None, "hit": False})
+        if decoder is None:
+            decoder = train_reference_decoder(spec, population, recipe, seeded_generator(*stream))
+            if cache:
+                cache.store(material, decoder, str(run_path))
+        refs[k] = decoder
+        origin[str(k)] = {**record, "source": "cache" if record["hit"] else "trained here",
+                          "seconds": round(time.perf_counter() - t0, 2)}
         tick(f"reference {k}")
-    return refs
+    return refs, origin
 
 
 def _membership(shared: SharedRun, clients, images, labels_of, a, references, seed, evidence, tick, hyper=None):
@@ -281,15 +300,13 @@ def _membership(shared: SharedRun, clients, images, labels_of, a, references, se
             continue
         target = shared.final(k)
         records = images[game.ids]
-        scored = {}
-        for name, make in _attacks(a, references is not None).items():
-            if hyper is None:
-                attack = make(references[k] if references else None)
-                scored[name] = attack.fit(target.decoder, target.latent_dim, seeded_generator(seed, 72, k)).score(records)
-            else:
-                scored[name] = hyper.score(k, lambda make=make: make(None), records, labels_of[game.ids],
-                                           seeded_generator(seed, 72, k))
-        if hyper is not None:
+        if hyper is None:
+            scored = membership_scores(target.decoder, target.latent_dim, records, lambda: seeded_generator(seed, 72, k),
+                                       latent_options=_latent_options(a), samples=a.generated_samples,
+                                       reference=references[k] if references else None)
+        else:
+            scored = {name: hyper.score(k, lambda make=make: make(None), records, labels_of[game.ids],
+                                        seeded_generator(seed, 72, k)) for name, make in _attacks(a).items()}
             scored[UPDATE_ATTACK] = hyper.update_alignment(k, records, labels_of[game.ids], a, seed)
         for name, scores in scored.items():
             pooled.setdefault(name, []).append(scores)
@@ -343,8 +360,7 @@ def _outliers(shared, part, images, labels_of, test, out_train, out_test, a, see
               "inliers": images[inlier_ids]}
     typical, other = to_tensor(test.images), to_tensor(out_test.images)
     classifier = domain_classifier(typical, other, seed)
-    fit_options = dict(lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=a.latent_fit_restarts,
-                       steps=a.latent_fit_steps)
+    fit_options = _latent_options(a)
     generator = seeded_generator(seed, 73, k)
     fitter = None
     if hyper is not None:  # each record fitted by the decoder of the class training gave it
@@ -387,19 +403,31 @@ def _lipschitz(shared: SharedRun, clients, images, labels_of, a, seed, hyper=Non
             out[str(k)] = hyper.lipschitz(k, member_ids, images, labels_of, a, seed)
             continue
         per_round = {}
-        for rnd, d in sorted(shared.decoders[k].items()):
+        rounds = sorted(shared.decoders[k])
+        chosen = bracketed_rounds(rounds, a.lipschitz_rounds)
+        for rnd in chosen:
+            d = shared.decoders[k][rnd]
             latents = None
             if len(member_ids):
                 latents = fit_latents(d.decoder, images[member_ids], d.latent_dim, seeded_generator(seed, 74, k, rnd),
-                                      lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=1,
-                                      steps=a.latent_fit_steps).latents
+                                      **{**_latent_options(a), "restarts": 1}).latents
             per_round[str(rnd)] = lipschitz_bracket(d.decoder, d.latent_dim, candidate_latents=latents,
                                                     n_prior=a.lipschitz_prior_points,
                                                     ascent_steps=a.lipschitz_ascent_steps, seed=seed)
         final = per_round[str(max(shared.decoders[k]))]
         out[str(k)] = {"lower": final["lower"], "upper": final["upper"],
-                       "reference_grad_sum_max": final["reference_grad_sum_max"], "rounds": per_round}
+                       "reference_grad_sum_max": final["reference_grad_sum_max"], "rounds": per_round,
+                       "rounds_not_bracketed": [r for r in rounds if r not in chosen]}
     return out
+
+
+def bracketed_rounds(rounds: list[int], count: int | None) -> list[int]:
+    """``count`` of the sorted ``rounds``, evenly spaced, first and last included (all when None)."""
+    if count is None or count >= len(rounds):
+        return list(rounds)
+    if count == 1:
+        return [rounds[-1]]
+    return sorted({rounds[round(i * (len(rounds) - 1) / (count - 1))] for i in range(count)})
 
 
 def _canaries(shared: SharedRun, part, out_train, a, delta, seed, evidence, hyper=None) -> dict | None:

@@ -184,7 +184,8 @@ def _audit(args: argparse.Namespace) -> int:
     overrides = _parse_sets(args.set)
     from alignfl_audit.audit import run_audit  # the attack stack loads only when asked for
 
-    path = run_audit(args.run_dir, data_root=args.data_root, overrides=overrides, seed=args.seed, quiet=args.quiet)
+    path = run_audit(args.run_dir, data_root=args.data_root, overrides=overrides, seed=args.seed, quiet=args.quiet,
+                     reference_cache=args.reference_cache)
     _print_audit(path)
     return 0
 
@@ -232,7 +233,8 @@ def _report(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from alignfl_audit.sweep import run_sweep
 
-    result = run_sweep(args.sweep, data_root=args.data_root, quiet=args.quiet)
+    result = run_sweep(args.sweep, data_root=args.data_root, quiet=args.quiet, overrides=_parse_sets(args.set),
+                       out=args.out)
     if result.report:
         print(f"report: {result.report}")
     if result.failed:
@@ -359,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--seed", type=int, help="audit seed (default: the run's seed)")
     aud.add_argument("--set", action="append", metavar="audit.KEY=VALUE", help="override an audit setting")
     aud.add_argument("--quiet", action="store_true", help="no progress bars")
+    aud.add_argument("--reference-cache", metavar="DIR",
+                     help="read reference decoders trained before from the same material from DIR, and keep new "
+                          "ones there (audit.json records each one's source and cache key; default: train all)")
     aud.set_defaults(func=_audit)
 
     rep = sub.add_parser(
@@ -381,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("sweep", metavar="SWEEP.yaml")
     swp.add_argument("--data-root", metavar="DIR")
     swp.add_argument("--quiet", action="store_true", help="no progress bars")
+    swp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config key in every run, after the sweep file's own (repeatable)")
+    swp.add_argument("--out", metavar="DIR", help="output folder instead of the sweep file's 'out'")
     swp.set_defaults(func=_sweep)
 
     emp = sub.add_parser(

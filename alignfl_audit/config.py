@@ -22,6 +22,7 @@ from federation.data.sources import OTHER_DATASET, check_dataset_name
 from federation.errors import ConfigError, DataError
 from federation.models import normalize_spec
 from federation.engines import ENGINES, engine_settings_class
+from federation.precision import PRECISIONS
 from federation.privacy.spec import FAULT_KEY, PrivacySpec
 from federation.strategies import STRATEGIES, strategy_class
 from federation.strategies.alignfl import AlignFLServerSettings, AlignFLSettings
@@ -60,6 +61,7 @@ class AuditConfig:
     latent_fit_restarts: int = 3  # best prior inits refined per record
     latent_fit_init: int = 1024  # prior samples decoded once to seed the restarts
     latent_fit_lambda: float = 0.01  # weight of ||z||^2 in the latent-fit objective
+    latent_fit_precision: str = "fp32"  # fp32 | bf16: the decoder's precision while latents are refined
     generated_samples: int = 10000  # Monte-Carlo and nearest-sample attacks
     reference_models: bool = True  # reference-calibrated attacks (one reference VAE per client)
     reference_epochs: typing.Optional[int] = None  # default: the run's rounds x local_epochs
@@ -73,6 +75,9 @@ class AuditConfig:
     typical_mapping_rate: float = TYPICAL_MAPPING_RATE
     lipschitz_prior_points: int = 256
     lipschitz_ascent_steps: int = 20
+    # rounds whose decoders get a Lipschitz bracket, per client: None = every round it shared; N = N rounds
+    # evenly spaced over them, always with its final one (the bracket the report's summary shows)
+    lipschitz_rounds: typing.Optional[int] = None
     canary_guesses: float = 0.2  # one-run audit: guess "in"/"out" for this fraction of canaries each side
 
 
@@ -171,8 +176,14 @@ class ExperimentConfig:
         specs = self.client_specs()
         self.server_spec()
         cls.check_setup(self.strategy, specs, self.privacy)
-        if self.privacy.is_dp and self.privacy.grad_sample_mode == "bk":
-            _check_bk(self.privacy, specs)
+        if self.training.precision not in PRECISIONS:
+            raise ConfigError(f"training.precision must be one of {', '.join(PRECISIONS)}, got {self.training.precision!r}")
+        if self.training.precision not in cls.precisions:
+            raise ConfigError(f"training.precision {self.training.precision} is implemented for the "
+                              f"{', '.join(n for n, c in STRATEGIES.items() if self.training.precision in c.precisions)} "
+                              f"strategies, not {cls.name}")
+        if self.privacy.is_dp and (self.privacy.grad_sample_mode == "bk" or self.training.precision != "fp32"):
+            _check_bk(self.privacy, specs, self.training.precision)
         if cls.same_architecture and any(s != specs[0] for s in specs):
             raise ConfigError(f"{cls.name} averages parameters and needs one architecture for all "
                               "clients; the clients list differs")
@@ -184,6 +195,11 @@ def _check_audit(a: AuditConfig) -> None:
                  "generated_samples", "bootstrap", "inliers", "lipschitz_prior_points"):
         if getattr(a, name) <= 0:
             raise ConfigError(f"audit.{name} must be > 0, got {getattr(a, name)}")
+    if a.latent_fit_precision not in PRECISIONS:
+        raise ConfigError(f"audit.latent_fit_precision must be one of {', '.join(PRECISIONS)}, "
+                          f"got {a.latent_fit_precision!r}")
+    if a.lipschitz_rounds is not None and a.lipschitz_rounds <= 0:
+        raise ConfigError(f"audit.lipschitz_rounds must be > 0 (or null for every round), got {a.lipschitz_rounds}")
     if a.reference_epochs is not None and a.reference_epochs <= 0:
         raise ConfigError(f"audit.reference_epochs must be > 0, got {a.reference_epochs}")
     if a.lipschitz_ascent_steps < 0 or not a.latent_fit_lambda >= 0:
@@ -213,9 +229,10 @@ def _check_canaries(count: int, a: AuditConfig, delta: float) -> None:
                           f"audit.alpha {a.alpha}: insert more canaries or guess a larger fraction")
 
 
-def _check_bk(privacy: PrivacySpec, specs: list[dict]) -> None:
+def _check_bk(privacy: PrivacySpec, specs: list[dict], precision: str = "fp32") -> None:
     """An explicit grad_sample_mode bk must fit every client's privatized module (built on the meta
-    device: no memory, no initialization cost)."""
+    device: no memory, no initialization cost); so must a precision other than fp32 with DP-SGD, which
+    only book-keeping clipping computes in float32 from a bfloat16 forward."""
     import torch
 
     from federation.models import VAE
@@ -224,7 +241,11 @@ def _check_bk(privacy: PrivacySpec, specs: list[dict]) -> None:
     for spec in {json.dumps(s, sort_keys=True): s for s in specs}.values():
         with torch.device("meta"):
             vae = VAE(spec)
-        resolve_grad_sample_mode(privacy, vae if privacy.scope == "full" else vae.decoder)
+        mode = resolve_grad_sample_mode(privacy, vae if privacy.scope == "full" else vae.decoder)
+        if precision != "fp32" and mode != "bk":
+            raise ConfigError(f"training.precision {precision} with DP-SGD needs grad_sample_mode bk (its per-sample "
+                              f"norms, clipped sums and noise stay float32), but the {spec['arch']} model runs {mode}; "
+                              "use training.precision fp32")
 
 
 # -------------------------------------------------------------------- parsing

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alignfl_audit import progress
 from alignfl_audit.accounting import ledger_epsilons
 from alignfl_audit.checkpoint import load_checkpoint, restore, save_checkpoint
 from alignfl_audit.config import ExperimentConfig, dump_config
@@ -247,6 +248,7 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
     departures_ = departures(cfg.server)
     test_x, test_y = to_tensor(data.test.images), data.test.labels
     records: list[RoundRecord] = []
+    phases: dict[str, float] = {}  # seconds of this process's rounds: clients, server, probes
     first = 0
     state = load_checkpoint(run, cfg.digest()) if resume else None
     if state is not None:
@@ -261,15 +263,19 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
                   leave=False) as bar:
             for rnd in range(first, strategy.rounds):
                 bar.set_postfix_str(f"round {rnd}")
-                record, accepted = run_round(rnd, strategy, engine, run.shared_round(rnd), departures_, client_ids)
+                record, accepted = run_round(rnd, strategy, engine, run.shared_round(rnd), departures_, client_ids,
+                                             phases)
                 ledger.merge(accepted.dp_events, accepted.unaccounted)
                 if cfg.metrics.probe_every_round:
+                    t0 = time.perf_counter()
                     record.probe = probe(strategy.global_vae, test_x, test_y, cfg.seed, cfg.metrics.probe_max_iter)
+                    phases["probes"] = phases.get("probes", 0.0) + time.perf_counter() - t0
                 records.append(record)
                 run.log(f"round {rnd}: " + _summary(record))
                 _write_round_files(run, records, ledger)
                 save_checkpoint(run, rnd, cfg.digest(), strategy, engine, ledger, records)
                 bar.update(1)
+                progress.advance()
         late = engine.drain(strategy.rounds - 1)
         if late:  # replies that arrived after the last round: what they carry was shared, and is recorded
             statuses = {}
@@ -309,12 +315,15 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
                                   for s in partition.shards],
                       "outlier_controls": int(len(partition.outlier_control_ids))},
         "timing_seconds": {"train": round(train_seconds, 2),
+                           **{k: round(v, 2) for k, v in phases.items()},  # within train (a resumed run: its part)
+                           "metrics": round(time.perf_counter() - started - train_seconds, 2),
                            "total": round(time.perf_counter() - started, 2)},
         "torch_threads": torch.get_num_threads(),
         "provenance": provenance(),
     }
     run.write_json(layout.METRICS, metrics)
     run.set_status("complete")
+    progress.advance()
     # resume state holds every encoder and client state: it has no use once the run is complete, and a run
     # directory handed to an auditor must not carry what the threat model keeps from the adversary
     shutil.rmtree(run.file(layout.CHECKPOINTS), ignore_errors=True)
@@ -348,19 +357,21 @@ def participation_summary(cfg: ExperimentConfig, records: list[RoundRecord], cli
 
 
 def run_pipeline(cfg: ExperimentConfig, data_root: str | Path | None = None, out: str | Path | None = None,
-                 quiet: bool = False) -> RunDir:
+                 quiet: bool = False, reference_cache: str | Path | None = None) -> RunDir:
     """Train; then, as the config asks, audit the run (``audit: true``) and write report.html
-    (``report: true``). A failing audit or report leaves the finished run as it is."""
-    return after_run(cfg, run_experiment(cfg, data_root, out, quiet), data_root, quiet)
+    (``report: true``). A failing audit or report leaves the finished run as it is. ``reference_cache``:
+    the audit's folder of reference decoders shared across runs (a sweep's)."""
+    return after_run(cfg, run_experiment(cfg, data_root, out, quiet), data_root, quiet, reference_cache)
 
 
-def after_run(cfg: ExperimentConfig, run: RunDir, data_root=None, quiet: bool = False) -> RunDir:
+def after_run(cfg: ExperimentConfig, run: RunDir, data_root=None, quiet: bool = False,
+              reference_cache: str | Path | None = None) -> RunDir:
     """The audit and report a config asks for, on a finished run."""
     if cfg.audit.enabled:
         from alignfl_audit.audit import run_audit
 
         run.log("audit started")
-        run_audit(run.path, data_root=data_root, quiet=quiet)
+        run_audit(run.path, data_root=data_root, quiet=quiet, reference_cache=reference_cache)
         run.log(f"audit written: {layout.AUDIT}")
     if cfg.report:
         from reports.render import render_report

@@ -9,6 +9,13 @@ then one comparison report.
     runs:
       - {label: no-dp}
       - {label: dp-eps1, set: {privacy.mechanism: dp-sgd, privacy.target_epsilon: 1}}
+      - {label: fedavg, base: quickstart-fedavg.yaml}   # a run may name its own base config
+    reference_cache: runs/refs       # optional; default OUT/reference-cache; false: train every reference
+
+The audits share reference decoders through ``reference_cache`` (``attacks.reference_cache``): runs with
+the same seed, classes, model and recipe train each reference once; every audit.json records, per client,
+whether its reference was trained there or read from the cache, and under which key. One progress bar
+covers the whole sweep, with an estimate of the time left (``alignfl_audit.progress``).
 
 Resumable: a run whose directory is complete, audited and made from the same config is skipped; any other is moved aside
 (``<label>.replaced-N``) and redone. A failing run is recorded and the others carry on; the
@@ -23,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from alignfl_audit.config import load_config
+from alignfl_audit.progress import run_steps, sweep_progress
 from alignfl_audit.rundir import RunDir, atomic_write
 from federation import run_layout as layout
 from federation.errors import ConfigError, FederationError
@@ -37,7 +45,8 @@ class SweepPlan:
     out: Path
     seeds: list[int]
     common: dict
-    runs: list[tuple[str, dict]]  # (label, overrides)
+    runs: list[tuple[str, dict, Path | None]]  # (label, overrides, its own base config or None)
+    reference_cache: Path | None = None
 
 
 @dataclass
@@ -66,9 +75,10 @@ def load_sweep(path: str | Path) -> SweepPlan:
         raise ConfigError(f"malformed YAML in sweep file {path}: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a sweep file must be a YAML mapping")
-    unknown = set(data) - {"name", "base", "out", "seeds", "set", "runs"}
+    allowed = {"name", "base", "out", "seeds", "set", "runs", "reference_cache"}
+    unknown = set(data) - allowed
     if unknown:
-        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; allowed: base, name, out, runs, seeds, set")
+        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
     if not isinstance(data.get("base"), str):
         raise ConfigError(f"{path}: 'base' must name the base config file")
     name = data.get("name", path.stem)
@@ -87,25 +97,33 @@ def load_sweep(path: str | Path) -> SweepPlan:
     for i, entry in enumerate(runs):
         if not isinstance(entry, dict) or not isinstance(entry.get("label"), str) or not _LABEL.match(entry["label"]):
             raise ConfigError(f"{path}: runs[{i}] needs a label of letters, digits, '.', '_' or '-'")
-        if set(entry) - {"label", "set"}:
-            raise ConfigError(f"{path}: runs[{i}] has unknown keys {sorted(set(entry) - {'label', 'set'})}")
+        if set(entry) - {"label", "set", "base"}:
+            raise ConfigError(f"{path}: runs[{i}] has unknown keys {sorted(set(entry) - {'label', 'set', 'base'})}")
+        if "base" in entry and not isinstance(entry["base"], str):
+            raise ConfigError(f"{path}: runs[{i}].base must name a config file")
         if entry["label"] in seen:
             raise ConfigError(f"{path}: label {entry['label']!r} appears twice")
         seen.add(entry["label"])
-        plan_runs.append((entry["label"], _mapping(entry.get("set"), f"runs[{i}].set")))
+        plan_runs.append((entry["label"], _mapping(entry.get("set"), f"runs[{i}].set"),
+                          path.parent / entry["base"] if "base" in entry else None))
     out = Path(data.get("out", f"runs/{name}"))
-    return SweepPlan(name, (path.parent / data["base"]), out, seeds, _mapping(data.get("set"), "set"), plan_runs)
+    cache = data.get("reference_cache", str(out / "reference-cache"))
+    if cache is not False and not isinstance(cache, str):
+        raise ConfigError(f"{path}: reference_cache must be a folder path or false")
+    return SweepPlan(name, (path.parent / data["base"]), out, seeds, _mapping(data.get("set"), "set"), plan_runs,
+                     Path(cache) if cache is not False else None)
 
 
-def _configs(plan: SweepPlan) -> list[tuple[str, object]]:
-    """Every run's validated config, before anything runs: a bad entry fails the sweep up front."""
+def _configs(plan: SweepPlan, extra: dict) -> list[tuple[str, object]]:
+    """Every run's validated config, before anything runs: a bad entry fails the sweep up front. ``extra``:
+    overrides for every run, after the sweep's own (``sweep --set``)."""
     out = []
-    for label, overrides in plan.runs:
+    for label, overrides, base in plan.runs:
         for seed in plan.seeds:
             tag = f"{label}-seed{seed}"
             try:
-                cfg = load_config(plan.base, {**plan.common, **overrides, "seed": seed, "audit.enabled": True,
-                                              "report": False})
+                cfg = load_config(base or plan.base, {**plan.common, **overrides, **extra, "seed": seed,
+                                                      "audit.enabled": True, "report": False})
             except ConfigError as err:
                 raise ConfigError(f"sweep run {tag}: {err}") from None
             out.append((tag, cfg))
@@ -130,32 +148,42 @@ def _move_aside(path: Path) -> None:
     path.rename(path.with_name(f"{path.name}.replaced-{n}"))
 
 
-def run_sweep(path: str | Path, data_root=None, quiet: bool = False, echo=print) -> SweepResult:
+def run_sweep(path: str | Path, data_root=None, quiet: bool = False, echo=print, overrides: dict | None = None,
+              out: str | Path | None = None) -> SweepResult:
+    """``overrides``: dotted keys set in every run (after the sweep file's); ``out``: instead of the sweep
+    file's output folder (the default reference cache moves with it)."""
     from alignfl_audit.orchestrate import run_pipeline
     from reports.render import render_report
 
     plan = load_sweep(path)
-    configs = _configs(plan)
+    if out is not None:
+        if plan.reference_cache == plan.out / "reference-cache":
+            plan.reference_cache = Path(out) / "reference-cache"
+        plan.out = Path(out)
+    configs = _configs(plan, overrides or {})
     plan.out.mkdir(parents=True, exist_ok=True)
     result = SweepResult(None)
-    for tag, cfg in configs:
-        run_path = plan.out / tag
-        if _finished(run_path, cfg):
-            result.skipped.append(tag)
-            result.finished.append(run_path)
-            echo(f"{tag}: finished before, skipped")
-            continue
-        if run_path.exists():
-            _move_aside(run_path)
-        try:
-            run_pipeline(cfg, data_root=data_root, out=run_path, quiet=quiet)
-            result.finished.append(run_path)
-            echo(f"{tag}: trained and audited")
-        except Exception as err:  # noqa: BLE001 - one failed run must not lose the others; it is recorded
-            reason = str(err) if isinstance(err, FederationError) else f"{type(err).__name__}: {err}"
-            result.failed[tag] = reason
-            err = reason
-            echo(f"{tag}: FAILED: {err}")
+    with sweep_progress(sum(run_steps(cfg) for _, cfg in configs), quiet) as bar:
+        for tag, cfg in configs:
+            run_path = plan.out / tag
+            if _finished(run_path, cfg):
+                result.skipped.append(tag)
+                result.finished.append(run_path)
+                bar.drop(run_steps(cfg))
+                bar.say(echo, f"{tag}: finished before, skipped")
+                continue
+            if run_path.exists():
+                _move_aside(run_path)
+            bar.start_run(tag)
+            try:
+                run_pipeline(cfg, data_root=data_root, out=run_path, quiet=quiet, reference_cache=plan.reference_cache)
+                result.finished.append(run_path)
+                bar.say(echo, f"{tag}: trained and audited")
+            except Exception as err:  # noqa: BLE001 - one failed run must not lose the others; it is recorded
+                reason = str(err) if isinstance(err, FederationError) else f"{type(err).__name__}: {err}"
+                result.failed[tag] = reason
+                bar.say(echo, f"{tag}: FAILED: {reason}")
+            bar.end_run(run_steps(cfg))
     status = {"sweep": plan.name, "finished": [p.name for p in result.finished], "failed": result.failed,
               "skipped": result.skipped}
     atomic_write(plan.out / "sweep-status.yaml", yaml.safe_dump(status, sort_keys=False))

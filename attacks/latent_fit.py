@@ -3,7 +3,10 @@
     z* = argmin_z ||x - D(z)||^2 + lambda * ||z||^2,
 
 batched, from several restarts. Each restart starts at one of the prior samples that best explain
-the record (a shared bank of prior samples is decoded once), and is refined with Adam.
+the record (a shared bank of prior samples is decoded once), and is refined with Adam. With
+``precision="bf16"`` the decoder runs under CPU autocast to bfloat16 during the refinement (about twice
+as fast); the bank and the final objective, reconstruction and distance of the latent found are
+evaluated in float32 either way.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from federation.precision import forward_precision
 
 
 @dataclass
@@ -27,7 +32,7 @@ def _pairwise_sq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def fit_latents(decoder: nn.Module, records: torch.Tensor, latent_dim: int, generator: torch.Generator, *,
                 lam: float = 0.01, init: int = 1024, restarts: int = 3, steps: int = 60, lr: float = 0.05,
-                batch: int = 512) -> LatentFit:
+                batch: int = 512, precision: str = "fp32") -> LatentFit:
     """``records``: (n, ...) images in [0, 1]; returns the best fit per record."""
     x_all = records.flatten(1).float()
     bank_z = torch.randn(init, latent_dim, generator=generator)
@@ -44,7 +49,8 @@ def fit_latents(decoder: nn.Module, records: torch.Tensor, latent_dim: int, gene
         target = x.repeat_interleave(restarts, dim=0)
         opt = torch.optim.Adam([z], lr=lr)
         for _ in range(steps):
-            loss = _objective(decoder, z, target, lam)
+            with forward_precision(precision):
+                loss = _objective(decoder, z, target, lam)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             opt.step()
@@ -60,4 +66,4 @@ def fit_latents(decoder: nn.Module, records: torch.Tensor, latent_dim: int, gene
 
 
 def _objective(decoder: nn.Module, z: torch.Tensor, target: torch.Tensor, lam: float) -> torch.Tensor:
-    return (decoder(z).flatten(1) - target).pow(2).sum(1) + lam * z.pow(2).sum(1)
+    return (decoder(z).flatten(1).float() - target).pow(2).sum(1) + lam * z.pow(2).sum(1)

@@ -12,6 +12,8 @@
 * ``ReferenceCalibrated``: any of the above minus the same score under a reference decoder trained
   with the same recipe on population data disjoint from the client (LiRA/RMIA-style calibration of
   per-record difficulty).
+
+``membership_scores`` runs all of them on one decoder, doing each shared computation once.
 """
 from __future__ import annotations
 
@@ -84,8 +86,9 @@ def membership_game(client_record: dict, size: int, seed: int, labels: np.ndarra
 class LatentFitAttack:
     name = "white_box_latent_fit"
 
-    def __init__(self, lam: float = 0.01, init: int = 1024, restarts: int = 3, steps: int = 60):
-        self.options = dict(lam=lam, init=init, restarts=restarts, steps=steps)
+    def __init__(self, lam: float = 0.01, init: int = 1024, restarts: int = 3, steps: int = 60,
+                 precision: str = "fp32"):
+        self.options = dict(lam=lam, init=init, restarts=restarts, steps=steps, precision=precision)
 
     def fit(self, decoder: nn.Module, latent_dim: int, generator: torch.Generator) -> "LatentFitAttack":
         self.decoder, self.latent_dim, self.generator = decoder, latent_dim, generator
@@ -101,7 +104,11 @@ class _GeneratedSampleAttack:
         self.samples, self.chunk = samples, chunk
 
     def fit(self, decoder: nn.Module, latent_dim: int, generator: torch.Generator):
-        self.generated = generate(decoder, latent_dim, self.samples, generator)
+        return self.fit_samples(generate(decoder, latent_dim, self.samples, generator))
+
+    def fit_samples(self, generated: torch.Tensor):
+        """Use samples already generated from the decoder (flattened, as ``generate`` returns them)."""
+        self.generated = generated
         return self
 
     def _distances(self, records: torch.Tensor):
@@ -143,3 +150,27 @@ class ReferenceCalibrated:
 
     def score(self, records: torch.Tensor) -> np.ndarray:
         return self.target_attack.score(records) - self.reference_attack.score(records)
+
+
+def membership_scores(decoder: nn.Module, latent_dim: int, records: torch.Tensor, make_generator, *,
+                      latent_options: dict, samples: int, reference: nn.Module | None = None) -> dict[str, np.ndarray]:
+    """Every attack's scores on ``records``: white-box latent fit, Monte-Carlo, nearest generated sample,
+    and (with a ``reference``) the calibrated latent fit and Monte-Carlo.
+
+    The same values as each attack run on its own with a fresh ``make_generator()``, but the target's
+    latent fit and its generated-sample set are computed once and shared by every attack that uses them
+    (a calibrated attack draws its reference's bank or samples from the generator after the target's, as
+    ``ReferenceCalibrated`` does)."""
+    fit_generator, sample_generator = make_generator(), make_generator()
+    latent = LatentFitAttack(**latent_options).fit(decoder, latent_dim, fit_generator).score(records)
+    generated = generate(decoder, latent_dim, samples, sample_generator)
+    mc = MonteCarloAttack(samples).fit_samples(generated).score(records)
+    out = {LatentFitAttack.name: latent, MonteCarloAttack.name: mc,
+           NearestSampleAttack.name: NearestSampleAttack(samples).fit_samples(generated).score(records)}
+    if reference is not None:
+        ref_latent = LatentFitAttack(**latent_options).fit(reference, latent_dim, fit_generator).score(records)
+        ref_generated = generate(reference, latent_dim, samples, sample_generator)
+        ref_mc = MonteCarloAttack(samples).fit_samples(ref_generated).score(records)
+        out[f"{LatentFitAttack.name}_calibrated"] = latent - ref_latent
+        out[f"{MonteCarloAttack.name}_calibrated"] = mc - ref_mc
+    return out

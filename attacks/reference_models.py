@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from federation.models import VAE
+from federation.precision import adam
 from federation.training import train_epochs
 
 
@@ -23,15 +24,15 @@ class ReferenceRecipe:
     lr: float = 1e-3
     lambda_kl: float = 1.0
     lcd_lambda: float = 0.0
+    precision: str = "fp32"
 
 
 def train_reference_decoder(spec: dict, population: torch.Tensor, recipe: ReferenceRecipe,
                             generator: torch.Generator) -> nn.Module:
     """A VAE of the target's architecture trained on ``population``; returns its decoder, frozen."""
     vae = VAE(spec, generator)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=recipe.lr)
-    train_epochs(vae, optimizer, population, recipe.epochs, recipe.batch_size, recipe.lambda_kl, generator,
-                 lcd_lambda=recipe.lcd_lambda)
+    train_epochs(vae, adam(vae.parameters(), recipe.lr), population, recipe.epochs, recipe.batch_size,
+                 recipe.lambda_kl, generator, lcd_lambda=recipe.lcd_lambda, precision=recipe.precision)
     decoder = vae.decoder.eval()
     decoder.requires_grad_(False)
     return decoder

@@ -18,17 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
+from cli_runs import ROOT, commit, median, run_cli
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 RESULTS = HERE / "results" / "engines.json"
 
 TINY = {
@@ -47,26 +44,14 @@ TINY = {
 
 def run(config: Path, sets: list[str], threads: int, data_root: str | None, pythonpath: str | None = None) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-")) / "run"
-    cmd = [sys.executable, "-m", "alignfl_audit.cli", "run", str(config), "--out", str(out), "--quiet",
-           "--no-audit", "--no-report"]
+    args = ["run", str(config), "--out", str(out), "--quiet", "--no-audit", "--no-report"]
     if data_root:
-        cmd += ["--data-root", data_root]
+        args += ["--data-root", data_root]
     for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=pythonpath or ROOT)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+        args += ["--set", s]
+    wall = run_cli(args, threads, pythonpath)
     metrics = json.loads((out / "metrics.json").read_text())
     return {"wall": round(wall, 2), "train": metrics["timing_seconds"]["train"], "utility": metrics["utility"]}
-
-
-def median(xs):
-    return round(statistics.median(xs), 2)
 
 
 def main() -> None:
@@ -82,10 +67,7 @@ def main() -> None:
                         help="also time one paper-mnist round at the reference commit and here")
     args = parser.parse_args()
     before = str(Path(args.before_worktree).resolve())
-    ref = subprocess.run(["git", "-C", before, "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    ref, head = commit(before), commit(ROOT)
     quick, paper = ROOT / "configs" / "quickstart.yaml", ROOT / "configs" / "paper-mnist.yaml"
     quick_before, paper_before = Path(before) / "configs" / "quickstart.yaml", Path(before) / "configs" / "paper-mnist.yaml"
     one_round = ["training.rounds=1"]

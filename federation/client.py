@@ -15,6 +15,7 @@ import torch
 from federation.latent_gmm import ARTIFACT, fit_latent_gmm
 from federation.messages import Payload
 from federation.models import VAE
+from federation.precision import adam
 from federation.privacy.budget import round_would_overrun
 from federation.privacy.dp_sgd import DPPlan, DPTrainer
 from federation.privacy.ledger import DPEvent
@@ -69,14 +70,15 @@ class Client:
         self.round = rnd
         s = setup.settings
         self.vae = VAE(setup.spec, seeded_generator(setup.seed, CLIENT_INIT, self.id) if state is None else None)
-        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=s.lr)
+        self.optimizer = adam(self.vae.parameters(), s.lr)
         self.generator = seeded_generator(setup.noise_seed, CLIENT_TRAIN, self.id, rnd)
         self.events: list[DPEvent] = []
         self.budget_exhausted = False
         self.dp: DPTrainer | None = None
         if setup.privacy.is_dp:
             self.dp = DPTrainer(self.vae, setup.privacy, setup.dp_plan, s.lr, s.lambda_kl, setup.num_samples,
-                                self.generator, seeded_generator(setup.noise_seed, CLIENT_DP_NOISE, self.id, rnd))
+                                self.generator, seeded_generator(setup.noise_seed, CLIENT_DP_NOISE, self.id, rnd),
+                                s.precision)
         if state is not None:
             self.load_state_dict(state)
 
@@ -109,7 +111,7 @@ class Client:
     # ------------------------------------------------------------------------------ training
     def reset_optimizer(self) -> None:
         """A fresh optimizer over the current weights (FedAvg's clients start each round anew)."""
-        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=self.setup.settings.lr)
+        self.optimizer = adam(self.vae.parameters(), self.setup.settings.lr)
 
     def train_round(self, prox_mu: float = 0.0, prox_ref: dict | None = None) -> tuple[float | None, list[DPEvent]]:
         """One round of local training: (the last epoch's mean loss, the client's DP events so far). Every
@@ -121,7 +123,7 @@ class Client:
         s, privacy = self.setup.settings, self.setup.privacy
         lcd = privacy.lcd_lambda if privacy.mechanism == "lcd" else 0.0
         loss = train_epochs(self.vae, self.optimizer, self.setup.data, s.local_epochs, s.batch_size, s.lambda_kl,
-                            self.generator, prox_mu, prox_ref, lcd_lambda=lcd)
+                            self.generator, prox_mu, prox_ref, lcd_lambda=lcd, precision=s.precision)
         return loss, []
 
     def _train_round_dp(self) -> tuple[float | None, list[DPEvent]]:

@@ -28,6 +28,7 @@ from federation.hypernetwork import UPDATE_KIND, FiLMHypernetwork, code_anchor, 
 from federation.messages import Payload
 from federation.mmd import RandomFeatures, mmd_squared
 from federation.models import PIXELS, MLPEncoder, _materialize, reparameterization_noise
+from federation.precision import adam
 from federation.privacy.budget import round_would_overrun
 from federation.privacy.dp_hyper import HyperDPStep
 from federation.privacy.ledger import DPEvent
@@ -101,7 +102,7 @@ class HyperClient:
             self.model.code.weight.copy_(self.anchor.view(-1, 1))
         s = setup.settings
         self.private_params = [self.model.code.weight, *self.model.encoder.parameters()]
-        self.optimizer = torch.optim.Adam(self.private_params, lr=s.lr)
+        self.optimizer = adam(self.private_params, s.lr)
         self.generator = seeded_generator(setup.noise_seed, CLIENT_TRAIN, self.id, rnd)
         self.onehot = onehot(setup.labels, spec["num_classes"])
         self.label_set = torch.as_tensor(setup.label_set, dtype=torch.long)
@@ -155,7 +156,7 @@ class HyperClient:
                 privacy, self.events, self.dp.plan, s.local_epochs)):
             self.budget_exhausted = True
             return None, list(self.events)
-        hyper_optimizer = torch.optim.Adam(self.model.hyper.parameters(), lr=s.lr)
+        hyper_optimizer = adam(self.model.hyper.parameters(), s.lr)
         self.model.train()
         if self.dp is None:
             return self._train_plain(hyper_optimizer), []

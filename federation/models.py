@@ -166,10 +166,11 @@ def load_decoder(spec: dict, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def reparameterization_noise(mu: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard normal noise shaped like ``mu``, drawn from ``generator`` (tests replace this function to
-    fix the noise). Torch's global generator is never used: results must not depend on it."""
+    fix the noise). Torch's global generator is never used: results must not depend on it. Drawn in at
+    least float32: a bfloat16 forward (``training.precision``) takes the same draws as a float32 one."""
     if generator is None:
         raise TypeError("the VAE's reparameterization noise needs an explicit torch.Generator")
-    return torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+    return torch.randn(mu.shape, generator=generator, dtype=torch.promote_types(mu.dtype, torch.float32))
 
 
 class VAE(nn.Module):

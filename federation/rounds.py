@@ -8,6 +8,8 @@ order changes a result. The round's record says what happened to every client.
 """
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +150,11 @@ def _salvage_report(a: Arrival, reason: str) -> ClientReport | str:
 
 
 def run_round(rnd: int, strategy: Strategy, engine: Engine, shared_dir: Path, departures: list[Departure],
-              client_ids: list[int]) -> tuple[RoundRecord, Accepted]:
+              client_ids: list[int], timing: dict | None = None) -> tuple[RoundRecord, Accepted]:
+    """``timing``: seconds are added under "clients" (the engine's exchange: the clients' work and the
+    transport) and "server" (the strategy's aggregation)."""
+    timing = {} if timing is None else timing
+    t0 = time.perf_counter()
     busy = engine.busy()
     statuses = {k: ClientRound(LEFT if departed(departures, k, rnd) else BUSY if k in busy else NOT_SELECTED)
                 for k in client_ids}
@@ -168,7 +174,10 @@ def run_round(rnd: int, strategy: Strategy, engine: Engine, shared_dir: Path, de
         statuses[k] = ClientRound(LOST, reason=reason)
     accepted = accept_arrivals(exchange.arrivals, shared_dir, strategy.uplink_kinds, statuses, rnd,
                                strategy.check_uplink)
+    t1 = time.perf_counter()
     aggregate = strategy.aggregate_round(rnd, accepted.uplinks)
+    timing["clients"] = timing.get("clients", 0.0) + t1 - t0
+    timing["server"] = timing.get("server", 0.0) + time.perf_counter() - t1
     for k, w in aggregate.used.items():
         statuses[k].weight = w
     accepted.dp_events += aggregate.dp_events

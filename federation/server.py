@@ -9,6 +9,7 @@ import torch
 from federation.latent_gmm import ARTIFACT, sample_latent_gmm
 from federation.messages import Uplink
 from federation.models import VAE, load_decoder
+from federation.precision import adam
 from federation.rng import SERVER_INIT, SERVER_ROUND, seeded_generator
 from federation.training import TrainSettings, decode, train_epochs
 
@@ -28,7 +29,7 @@ class AlignFLServer:
     def __init__(self, spec: dict, settings: TrainSettings, seed: int, sampling: str = "prior"):
         self.seed = seed
         self.vae = VAE(spec, seeded_generator(seed, SERVER_INIT))
-        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=settings.lr)
+        self.optimizer = adam(self.vae.parameters(), settings.lr)
         self.settings = settings
         self.sampling = sampling
         self.decoders: dict[int, HeldDecoder] = {}
@@ -76,4 +77,4 @@ class AlignFLServer:
 
     def train_global(self, synthetic: torch.Tensor, epochs: int, generator: torch.Generator) -> float:
         return train_epochs(self.vae, self.optimizer, synthetic, epochs, self.settings.batch_size,
-                            self.settings.lambda_kl, generator)
+                            self.settings.lambda_kl, generator, precision=self.settings.precision)

@@ -177,3 +177,67 @@ def test_rates_use_members_for_tpr_and_nonmembers_for_fpr():
     assert full["n_members"] == 4 and full["n_nonmembers"] == 10 and full["fpr_resolution"] == 0.1
     lo, hi = full["auc_ci"]
     assert lo <= full["auc"] <= hi
+
+
+def _one_resample_at_a_time(scores, labels, bootstrap, seed):
+    """The bootstrap as sklearn computes it, one resample after another (the reference for the batched one)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    def metrics(s, lab):
+        fpr, tpr, _ = roc_curve(lab, s, drop_intermediate=False)
+        return {"auc": roc_auc_score(lab, s), "advantage": np.max(tpr - fpr),
+                **{f"tpr_at_{lv * 100:g}pct_fpr".replace(".", "_"): tpr[fpr <= lv + 1e-12].max()
+                   for lv in (0.001, 0.01, 0.1)}}
+
+    rng = np.random.default_rng([seed, 0xB007])
+    members, nonmembers = np.flatnonzero(labels), np.flatnonzero(~labels)
+    draws = []
+    for _ in range(bootstrap):
+        idx = np.r_[rng.choice(members, len(members)), rng.choice(nonmembers, len(nonmembers))]
+        draws.append(metrics(scores[idx], labels[idx]))
+    point = metrics(scores, labels)
+    return {**point, **{f"{k}_ci": [np.percentile([d[k] for d in draws], q) for q in (2.5, 97.5)] for k in point}}
+
+
+@pytest.mark.parametrize("decimals", [None, 1], ids=["distinct", "ties"])
+def test_the_batched_bootstrap_equals_sklearn_one_resample_at_a_time(decimals):
+    rng = np.random.default_rng(3)
+    scores = np.r_[rng.normal(0.4, 1, 70), rng.normal(0, 1, 130)]
+    if decimals is not None:
+        scores = np.round(scores, decimals)  # many tied scores across members and non-members
+    labels = np.r_[np.ones(70, bool), np.zeros(130, bool)]
+    got, want = membership_metrics(scores, labels, 40, seed=5), _one_resample_at_a_time(scores, labels, 40, 5)
+    assert set(want) <= set(got)
+    for key, value in want.items():
+        # rates are the same divisions of the same counts; the AUC differs only by the trapezoids' rounding
+        assert np.allclose(got[key], value, rtol=0, atol=1e-12), (key, got[key], value)
+    assert got["auc_ci"][0] < got["auc"] < got["auc_ci"][1]
+
+
+def test_metrics_refuse_scores_that_are_not_finite_or_a_single_group():
+    with pytest.raises(ValueError, match="NaN"):
+        point_metrics(np.array([0.1, np.nan, 0.3]), np.array([True, False, False]))
+    with pytest.raises(ValueError, match="both"):
+        point_metrics(np.array([0.1, 0.2]), np.array([True, True]))
+
+
+def test_membership_scores_equal_each_attack_run_on_its_own(digits):
+    """Sharing the target's latent fit and generated samples across attacks changes no score."""
+    from attacks.membership import membership_scores
+
+    x, ids = digits
+    target = VAE(SPEC, torch.Generator().manual_seed(1)).decoder.eval().requires_grad_(False)
+    reference = VAE(SPEC, torch.Generator().manual_seed(2)).decoder.eval().requires_grad_(False)
+    records = x[ids[:24]]
+    options = dict(lam=0.01, init=64, restarts=2, steps=4)
+    got = membership_scores(target, 2, records, lambda: seeded_generator(7), latent_options=options, samples=300,
+                            reference=reference)
+    alone = {"white_box_latent_fit": LatentFitAttack(**options), "monte_carlo": MonteCarloAttack(300),
+             "nearest_generated_sample": NearestSampleAttack(300),
+             "white_box_latent_fit_calibrated": ReferenceCalibrated(lambda: LatentFitAttack(**options), reference),
+             "monte_carlo_calibrated": ReferenceCalibrated(lambda: MonteCarloAttack(300), reference)}
+    assert list(got) == list(alone)
+    for name, attack in alone.items():
+        want = attack.fit(target, 2, seeded_generator(7)).score(records)
+        assert np.array_equal(got[name], want), name
+    assert not np.array_equal(got["monte_carlo"], got["monte_carlo_calibrated"])  # the reference really counts

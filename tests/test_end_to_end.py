@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors import safe_open
 
 from alignfl_audit.config import from_dict, load_config
@@ -15,6 +16,9 @@ from federation.errors import ConfigError
 from federation.messages import load_downlink, load_uplink
 
 UTILITY_KEYS = {"probe_accuracy", "probe_f1", "fid", "tstr_accuracy"}
+# every shipped run config; sweep files (a list of runs over a base config) are checked by their own tests
+EXPERIMENT_CONFIGS = sorted(p.name for p in (PROJECT_ROOT / "configs").glob("*.yaml")
+                            if "runs" not in yaml.safe_load(p.read_text()))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -33,8 +37,7 @@ def _is_png(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------ shipped configs
-@pytest.mark.parametrize("path", sorted(p.name for p in (PROJECT_ROOT / "configs").glob("*.yaml")
-                                        if not p.name.startswith("sweep-")))
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS)
 def test_shipped_configs_validate_and_audit_and_report_by_default(path):
     """Every shipped experiment config loads; those whose strategy shares decoders audit them and write
     the report in the one ``alignfl-audit run`` call; the centralized reference shares nothing."""
@@ -43,8 +46,7 @@ def test_shipped_configs_validate_and_audit_and_report_by_default(path):
     assert cfg.audit.enabled is cfg.strategy_class.federated()
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in (PROJECT_ROOT / "configs").glob("*.yaml")
-                                        if not p.name.startswith("sweep-")))
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS)
 def test_shipped_configs_insert_canaries_whose_bound_can_be_positive(path):
     """Canaries are on in every shipped config, and enough of them that the one-run bound could exceed 1."""
     from attacks.empirical_epsilon import one_run_ceiling
@@ -57,8 +59,6 @@ def test_shipped_configs_insert_canaries_whose_bound_can_be_positive(path):
 
 
 def test_shipped_sweep_base_inserts_canaries():
-    import yaml
-
     sweep = yaml.safe_load((PROJECT_ROOT / "configs" / "sweep-dp-vs-lcd.yaml").read_text())
     assert load_config(PROJECT_ROOT / "configs" / sweep["base"]).partition.canaries.count >= 2
 

@@ -92,6 +92,13 @@ def test_fedhypevae_is_registered_with_its_own_sections():
                       (tiny_config(strategy={"name": "alignfl", "code_dim": 4}), "strategy.code_dim")):
         with pytest.raises(ConfigError, match=f"{key} does not apply to the"):
             from_dict(data)
+    # the hypernetwork's trainers run in float32 only: a bf16 request is refused, not ignored
+    with pytest.raises(ConfigError, match="training.precision bf16 is implemented for the .* not fedhypevae"):
+        from_dict(_merge_training(HV, precision="bf16"))
+
+
+def _merge_training(cfg: dict, **training) -> dict:
+    return {**cfg, "training": {**cfg.get("training", {}), **training}}
 
 
 def test_the_server_sends_its_hypernetwork_and_adds_the_weighted_mean_update():
@@ -387,12 +394,15 @@ def test_dp_accounting_runs_through_the_ledger(dp_run):
         assert all(e["noise_multiplier"] == DP["noise_multiplier"] and e["sample_rate"] == ledger["clients"][k]["sample_rate"]
                    for e in events)
         assert sum(e["steps"] for e in events) == ledger["clients"][k]["planned_steps"]
-        result = metrics["privacy"]["clients"][k]
+        client = metrics["privacy"]["clients"][k]
+        result = client["relations"]["add-remove"]  # Opacus's relation: its RDP accountant reproduces it
         assert set(result["accountants"]) == {"opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_pld"}
         acc = RDPAccountant()
         acc.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in events]
         assert result["accountants"]["opacus_rdp"]["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5))
-        assert 0 < result["headline"]["epsilon"] < math.inf
+        # the headline is replace-one, which bounds add/remove from above
+        assert client["headline"]["relation"] == "replace-one"
+        assert result["headline"]["epsilon"] <= client["headline"]["epsilon"] < math.inf
 
 
 def _same_files(a: Path, b: Path) -> None:

@@ -23,5 +23,5 @@ def tstr_accuracy(synthetic_x: torch.Tensor, synthetic_y: torch.Tensor, test_x: 
     n_clients = int(synthetic_y.max()) + 1
     keep = np.array([int(c) in owner for c in test_labels])
     target = torch.tensor([owner[int(c)] for c in test_labels[keep]])
-    net = fit_classifier(synthetic_x, synthetic_y, n_clients, epochs, seed)
+    net = fit_classifier(synthetic_x, synthetic_y, n_clients, epochs, seed, channels_last=True)
     return float((predict(net, test_x[torch.from_numpy(keep)]) == target).float().mean())

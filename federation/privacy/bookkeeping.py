@@ -90,16 +90,19 @@ class LinearBookkeeper:
         """(layer, A_l, G_l) per Linear layer, G_l = d(sum_i loss_i)/d(out_l): row i is sample i's
         gradient with respect to the layer's output. One backward pass that stops at the recorded
         outputs (no weight gradients, no gradient for the module input). A layer that was not called,
-        or whose output does not reach the loss, gets (None, None)."""
+        or whose output does not reach the loss, gets (None, None). Records narrower than float32 (a
+        bfloat16 forward) are widened here, once, for the norms and the clipped sums alike."""
         used = [layer for layer in self.layers if layer in self._records]
         grads = torch.autograd.grad(losses.sum(), [self._records[layer][1] for layer in used], allow_unused=True)
-        got = {layer: (self._records[layer][0], g) for layer, g in zip(used, grads)}
+        got = {layer: (_widened(self._records[layer][0]), None if g is None else _widened(g))
+               for layer, g in zip(used, grads)}
         return [(layer, *got.get(layer, (None, None))) for layer in self.layers]
 
     @staticmethod
     def per_sample_norms(backprops, batch_size: int) -> torch.Tensor:
         """||g_i|| over all recorded layers' weights and biases. The squares are summed in the
-        layers' dtype; should that overflow (norms beyond ~1e19 in float32), again in float64."""
+        layers' dtype, at least float32 (a bfloat16 forward's records are widened first); should that
+        overflow (norms beyond ~1e19 in float32), again in float64."""
         norms = LinearBookkeeper._norms(backprops, batch_size, None)
         if not bool(torch.isfinite(norms).all()):
             norms = LinearBookkeeper._norms(backprops, batch_size, torch.float64).to(norms.dtype)
@@ -111,8 +114,7 @@ class LinearBookkeeper:
         for layer, a, g in backprops:
             if g is None:
                 continue
-            if dtype is not None:
-                a, g = a.to(dtype), g.to(dtype)
+            a, g = (_widened(a), _widened(g)) if dtype is None else (a.to(dtype), g.to(dtype))
             g_sq = g.pow(2).sum(1)
             term = None
             if layer.weight.requires_grad:
@@ -140,16 +142,23 @@ class LinearBookkeeper:
 
     @staticmethod
     def clipped_sums(backprops, coeff: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        """{parameter: sum_i coeff_i * per-sample gradient}, for every trainable parameter of the layers."""
+        """{parameter: sum_i coeff_i * per-sample gradient}, for every trainable parameter of the layers, in
+        the layers' dtype, at least float32 (from the same widened records the norms were computed from)."""
         out: dict[nn.Parameter, torch.Tensor] = {}
         for layer, a, g in backprops:
             params = [p for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
             if g is None:
                 out.update({p: torch.zeros_like(p) for p in params})
                 continue
+            a, g = _widened(a), _widened(g)
             cg = g * coeff.to(g.dtype).unsqueeze(1)
             if layer.weight.requires_grad:
                 out[layer.weight] = cg.t().mm(a)
             if layer.bias is not None and layer.bias.requires_grad:
                 out[layer.bias] = cg.sum(0)
         return out
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when it is narrower (a bfloat16 record of an autocast forward); else unchanged."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))

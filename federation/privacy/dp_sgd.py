@@ -32,6 +32,7 @@ from opacus.optimizers.optimizer import _generate_noise
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from federation.models import VAE, vae_loss_per_sample
+from federation.precision import adam, forward_precision
 from federation.privacy.bookkeeping import LinearBookkeeper, resolve_grad_sample_mode
 from federation.privacy.clipping import (AdaptiveRule, ClipRule, ExpectedBatchAdaClipDPOptimizer, MedianClipDPOptimizer,
                                          MedianRule, adjusted_noise_multiplier)
@@ -88,7 +89,8 @@ class DPTrainer:
     only) for the self-audit's tests; never set from a config."""
 
     def __init__(self, vae: VAE, spec: PrivacySpec, plan: DPPlan, lr: float, lambda_kl: float, n: int,
-                 generator: torch.Generator, noise_generator: torch.Generator, fault: str | None = None):
+                 generator: torch.Generator, noise_generator: torch.Generator, fault: str | None = None,
+                 precision: str = "fp32"):
         self.vae, self.spec, self.plan = vae, spec, plan
         self.lambda_kl = lambda_kl
         self.n = n
@@ -102,6 +104,10 @@ class DPTrainer:
             raise ValueError(f"fault must be one of {TEST_ONLY_FAULTS}, in bk mode only; got {fault!r} in {self.mode}")
         self.fault = fault
         self._noise_factor = 0.25 if fault == "noise-quartered" else 1.0
+        if precision != "fp32" and self.mode != "bk":
+            raise ValueError(f"training.precision {precision} needs grad_sample_mode bk (its norms, clipped sums and "
+                             f"noise are computed in float32), not {self.mode}")
+        self.precision = precision
         self.uses_rule = self.mode in ("ghost", "bk")  # the bound is chosen by self.rule, not by Opacus
         sigma = plan.noise_multiplier
         # the gradient noise multiplier: reduced for the adaptive rule's count release (Andrew et al.)
@@ -114,29 +120,29 @@ class DPTrainer:
         if self.mode == "bk":
             self.module = target
             self.bookkeeper = LinearBookkeeper(target)
-            self.optimizer = self.adam = torch.optim.Adam(self.private_params, lr=lr)
+            self.optimizer = self.adam = adam(self.private_params, lr)
         elif self.mode == "ghost":
             self.module = GradSampleModuleFastGradientClipping(target, max_grad_norm=spec.max_grad_norm,
                                                                use_ghost_clipping=True, loss_reduction="mean")
-            self.optimizer = DPOptimizerFastGradientClipping(torch.optim.Adam(self.private_params, lr=lr), **common)
+            self.optimizer = DPOptimizerFastGradientClipping(adam(self.private_params, lr), **common)
             if spec.clipping == "adaptive":
                 self.optimizer._adjusted_noise_multiplier = self.noise_multiplier
             self.adam = self.optimizer.original_optimizer
         else:
             self.module = GradSampleModule(target, loss_reduction="mean",
                                            force_functorch=self.mode == "functorch")
-            adam = torch.optim.Adam(self.private_params, lr=lr)
+            inner = adam(self.private_params, lr)
             if spec.clipping == "adaptive":
                 self.optimizer = ExpectedBatchAdaClipDPOptimizer(
-                    adam, target_unclipped_quantile=spec.target_quantile, clipbound_learning_rate=spec.clipbound_lr,
+                    inner, target_unclipped_quantile=spec.target_quantile, clipbound_learning_rate=spec.clipbound_lr,
                     max_clipbound=spec.max_clipbound, min_clipbound=spec.min_clipbound,
                     unclipped_num_std=plan.unclipped_num_std, **common)
             elif spec.clipping == "median-nonprivate":
-                self.optimizer = MedianClipDPOptimizer(adam, **common)
+                self.optimizer = MedianClipDPOptimizer(inner, **common)
             else:
-                self.optimizer = DPOptimizer(adam, **common)
-            self.adam = adam
-        self.encoder_optimizer = (torch.optim.Adam(vae.encoder.parameters(), lr=lr)
+                self.optimizer = DPOptimizer(inner, **common)
+            self.adam = inner
+        self.encoder_optimizer = (adam(vae.encoder.parameters(), lr)
                                   if spec.scope == "decoder" else None)
 
     def state_dict(self) -> dict:
@@ -161,14 +167,16 @@ class DPTrainer:
         return float(self.rule.current if self.uses_rule else self.optimizer.max_grad_norm)
 
     def _per_sample_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample losses, and the input of the privatized module (the images, or the latents
-        with ``scope: decoder``)."""
-        if self.spec.scope == "full":
-            x = x.detach().requires_grad_(self.mode == "ghost")
-            recon, mu, logvar = self.module(x, generator=self.generator)
-            return vae_loss_per_sample(x, recon, mu, logvar, self.lambda_kl), x
-        recon, mu, logvar, z = self.vae.forward_with_latent(x, self.generator, decoder=self.module)
-        return vae_loss_per_sample(x, recon, mu, logvar, self.lambda_kl), z
+        """Per-sample losses (float32), and the input of the privatized module (the images, or the latents
+        with ``scope: decoder``). The forward pass runs in ``self.precision``."""
+        with forward_precision(self.precision):
+            if self.spec.scope == "full":
+                x = x.detach().requires_grad_(self.mode == "ghost")
+                recon, mu, logvar = self.module(x, generator=self.generator)
+                module_input = x
+            else:
+                recon, mu, logvar, module_input = self.vae.forward_with_latent(x, self.generator, decoder=self.module)
+        return vae_loss_per_sample(x, recon.float(), mu.float(), logvar.float(), self.lambda_kl), module_input
 
     def _noise_only_step(self) -> None:
         """An empty Poisson batch still releases a noisy update and, with adaptive clipping, a noisy count
@@ -263,7 +271,7 @@ class DPTrainer:
         for _ in range(epochs):
             losses = []
             for idx in sampler:
-                loss = self.step(data[torch.as_tensor(idx, dtype=torch.long)])
+                loss = self.step(data.index_select(0, torch.as_tensor(idx, dtype=torch.long)))
                 steps += 1
                 if loss == loss:
                     losses.append(loss)

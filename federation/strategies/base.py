@@ -165,6 +165,7 @@ class Strategy(ABC):
     stale_policies: ClassVar[tuple[str, ...]] = STALE_POLICIES
     privacy_mechanisms: ClassVar[tuple[str, ...]] = ("none", "dp-sgd", "lcd", "lcd-spectral")
     same_architecture: ClassVar[bool] = False  # True: every client must share one model spec
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16")  # the training.precision values it implements
 
     def __init__(self, settings, server, ctx: ServerContext):
         self.settings, self.server_settings, self.ctx = settings, server, ctx

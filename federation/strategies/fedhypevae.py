@@ -150,6 +150,7 @@ class FedHypeVAE(Strategy):
     stale_policies = ("drop", "weight")  # each update is applied once, to the hypernetwork of its arrival round
     privacy_mechanisms = ("none", "dp-sgd")
     same_architecture = True
+    precisions = ("fp32",)  # the hypernetwork's trainers run in float32 only
 
     def __init__(self, settings: FedHypeVAESettings, server: FedHypeVAEServerSettings, ctx):
         super().__init__(settings, server, ctx)

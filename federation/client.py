@@ -78,7 +78,7 @@ class Client:
         if setup.privacy.is_dp:
             self.dp = DPTrainer(self.vae, setup.privacy, setup.dp_plan, s.lr, s.lambda_kl, setup.num_samples,
                                 self.generator, seeded_generator(setup.noise_seed, CLIENT_DP_NOISE, self.id, rnd),
-                                s.precision)
+                                precision=s.precision)
         if state is not None:
             self.load_state_dict(state)
 

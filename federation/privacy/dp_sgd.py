@@ -86,10 +86,11 @@ def make_plan(spec: PrivacySpec, n: int, batch_size: int, noise_multiplier: floa
 
 class DPTrainer:
     """``fault``: a test-only breakage (``federation.privacy.spec.TEST_ONLY_FAULTS``, book-keeping mode
-    only) for the self-audit's tests; never set from a config."""
+    only) for the self-audit's tests; never set from a config. ``fault`` and ``precision`` are keyword-only, so
+    that neither can be passed for the other."""
 
     def __init__(self, vae: VAE, spec: PrivacySpec, plan: DPPlan, lr: float, lambda_kl: float, n: int,
-                 generator: torch.Generator, noise_generator: torch.Generator, fault: str | None = None,
+                 generator: torch.Generator, noise_generator: torch.Generator, *, fault: str | None = None,
                  precision: str = "fp32"):
         self.vae, self.spec, self.plan = vae, spec, plan
         self.lambda_kl = lambda_kl

@@ -399,12 +399,13 @@ def _lipschitz(shared: SharedRun, clients, images, labels_of, a, seed, hyper=Non
     for c in clients:
         k = c["client"]
         member_ids = membership_game(c, min(64, a.members_per_client), seed, labels_of).member_ids
-        if hyper is not None:
-            out[str(k)] = hyper.lipschitz(k, member_ids, images, labels_of, a, seed)
-            continue
-        per_round = {}
         rounds = sorted(shared.decoders[k])
         chosen = bracketed_rounds(rounds, a.lipschitz_rounds)
+        if hyper is not None:
+            out[str(k)] = {**hyper.lipschitz(k, member_ids, images, labels_of, a, seed, chosen),
+                           "rounds_not_bracketed": [r for r in rounds if r not in chosen]}
+            continue
+        per_round = {}
         for rnd in chosen:
             d = shared.decoders[k][rnd]
             latents = None

@@ -70,12 +70,13 @@ class HyperView:
                                 lam=a.latent_fit_lambda, init=a.latent_fit_init, steps=a.latent_fit_steps)
 
     def lipschitz(self, client: int, member_ids: np.ndarray, images: torch.Tensor, labels_of: np.ndarray, a,
-                  seed: int) -> dict:
-        """The bracket of every decoder each round's trained hypernetwork generates at the searched code, for
-        the client's classes; per round the largest lower and upper bounds over them."""
+                  seed: int, rounds: list[int]) -> dict:
+        """The bracket of every decoder the trained hypernetwork of each of ``rounds`` (the last included)
+        generates at the searched code, for the client's classes; per round the largest lower and upper bounds
+        over them."""
         per_round = {}
-        for rnd, d in sorted(self.shared.decoders[client].items()):
-            decoders = GeneratedDecoders(d.hyper, self.codes[client])
+        for rnd in rounds:
+            decoders = GeneratedDecoders(self.shared.decoders[client][rnd].hyper, self.codes[client])
             per_class = {}
             for y in self.label_sets[client]:
                 ids = member_ids[labels_of[member_ids] == y]
@@ -83,7 +84,7 @@ class HyperView:
                 if len(ids):
                     latents = fit_by_class(decoders, images[ids], labels_of[ids], seeded_generator(seed, 74, client, rnd),
                                            lam=a.latent_fit_lambda, init=a.latent_fit_init, restarts=1,
-                                           steps=a.latent_fit_steps).latents
+                                           steps=a.latent_fit_steps, precision=a.latent_fit_precision).latents
                 per_class[str(y)] = lipschitz_bracket(decoders(y), decoders.latent_dim, candidate_latents=latents,
                                                       n_prior=a.lipschitz_prior_points,
                                                       ascent_steps=a.lipschitz_ascent_steps, seed=seed)

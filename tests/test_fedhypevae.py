@@ -575,3 +575,29 @@ def test_the_audit_attacks_what_the_fedhypevae_server_holds(dp_run):
         for per_class in bracket["rounds"]["1"]["classes"].values():
             assert per_class["lower"] <= per_class["upper"]
     assert audit["outliers"]["groups"]["outliers"]["n"] == 4 and audit["accountant"]["formal_guarantee"] is True
+
+
+def test_the_fedhypevae_audit_brackets_only_the_rounds_audit_lipschitz_rounds_chooses(dp_run):
+    """``audit.lipschitz_rounds`` holds for FedHypeVAE as for ALIGN-FL: with 1, only the last round's generated
+    decoders are bracketed, and the rounds left out are recorded."""
+    import dataclasses
+
+    from alignfl_audit.audit import _lipschitz
+    from alignfl_audit.audit_hyper import HyperView, seed_of
+    from alignfl_audit.orchestrate import label_sets
+    from attacks.shared_artifacts import load_shared_run
+    from federation.data.sources import load_split, resolve_source
+    from federation.training import to_tensor
+
+    cfg = from_dict(HV)
+    a = dataclasses.replace(cfg.audit, lipschitz_rounds=1, members_per_client=10, latent_fit_steps=2,
+                            latent_fit_init=16, lipschitz_prior_points=4, lipschitz_ascent_steps=1)
+    shared = load_shared_run(dp_run)
+    clients = shared.partition["clients"]
+    codes = {c["client"]: code_anchor(seed_of(shared), c["client"], 4) for c in clients}  # no search: not tested here
+    hyper = HyperView(shared, codes, label_sets(cfg), {})
+    split = load_split(resolve_source("mnist", allow_embedded=True), "mnist", "train")
+    out = _lipschitz(shared, clients, to_tensor(split.images), split.labels, a, 0, hyper)
+    for k in ("0", "1"):
+        assert set(out[k]["rounds"]) == {"1"} and out[k]["rounds_not_bracketed"] == [0]
+        assert out[k]["upper"] == out[k]["rounds"]["1"]["upper"]

@@ -16,8 +16,12 @@ _ACTIVE: ContextVar["SweepProgress | None"] = ContextVar("sweep_progress", defau
 
 
 def run_steps(cfg) -> int:
-    """The steps one trained and audited run of ``cfg`` counts."""
-    audit = cfg.partition.n_clients * (2 if cfg.audit.reference_models else 1) + 3 if cfg.audit.enabled else 0
+    """The steps one trained and audited run of ``cfg`` counts. A FedHypeVAE audit trains no reference
+    models (its clients share hypernetwork updates, no decoder to train a reference of)."""
+    from federation.hypernetwork import UPDATE_KIND
+
+    references = cfg.audit.reference_models and UPDATE_KIND not in cfg.strategy_class.uplink_kinds
+    audit = cfg.partition.n_clients * (2 if references else 1) + 3 if cfg.audit.enabled else 0
     return cfg.training.rounds + 1 + audit
 
 

@@ -601,3 +601,15 @@ def test_the_fedhypevae_audit_brackets_only_the_rounds_audit_lipschitz_rounds_ch
     for k in ("0", "1"):
         assert set(out[k]["rounds"]) == {"1"} and out[k]["rounds_not_bracketed"] == [0]
         assert out[k]["upper"] == out[k]["rounds"]["1"]["upper"]
+
+
+def test_a_sweep_counts_no_reference_models_for_a_fedhypevae_audit():
+    """The audit of a FedHypeVAE run trains no references (no decoder is shared): one step per client's game,
+    then outliers, Lipschitz and canaries; the same config under ALIGN-FL counts a reference per client too."""
+    from alignfl_audit.progress import run_steps
+
+    hv = from_dict({**HV, "audit": {"enabled": True, "reference_models": True}})
+    alignfl = from_dict({**HV, "audit": {"enabled": True, "reference_models": True}, "strategy": {"name": "alignfl"},
+                         "server": None})
+    assert run_steps(hv) == 2 + 1 + 2 * 1 + 3
+    assert run_steps(alignfl) == 2 + 1 + 2 * 2 + 3

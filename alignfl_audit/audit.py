@@ -117,8 +117,8 @@ def _latent_options(a) -> dict:
 
 
 def _attacks(a) -> dict:
-    """name -> (None -> a fresh attack), for FedHypeVAE, whose decoders the code search generates per class
-    (the reference-calibrated attacks do not apply: no decoder is shared)."""
+    """name -> a function making a fresh attack, for FedHypeVAE, whose decoders the code search generates per
+    class (the reference-calibrated attacks do not apply: no decoder is shared)."""
     def latent():
         return LatentFitAttack(**_latent_options(a))
 
@@ -128,7 +128,7 @@ def _attacks(a) -> dict:
     def nearest():
         return NearestSampleAttack(a.generated_samples)
 
-    return {f().name: (lambda ref, f=f: f()) for f in (latent, mc, nearest)}
+    return {f().name: f for f in (latent, mc, nearest)}
 
 
 def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None, seed: int | None = None,
@@ -305,8 +305,8 @@ def _membership(shared: SharedRun, clients, images, labels_of, a, references, se
                                        latent_options=_latent_options(a), samples=a.generated_samples,
                                        reference=references[k] if references else None)
         else:
-            scored = {name: hyper.score(k, lambda make=make: make(None), records, labels_of[game.ids],
-                                        seeded_generator(seed, 72, k)) for name, make in _attacks(a).items()}
+            scored = {name: hyper.score(k, make, records, labels_of[game.ids], seeded_generator(seed, 72, k))
+                      for name, make in _attacks(a).items()}
             scored[UPDATE_ATTACK] = hyper.update_alignment(k, records, labels_of[game.ids], a, seed)
         for name, scores in scored.items():
             pooled.setdefault(name, []).append(scores)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import yaml
+from matplotlib.ticker import NullFormatter
 
 from reports.evidence import RunEvidence
 from reports.figures import _uri, plt
@@ -91,6 +92,9 @@ def _panel(ax, lines: dict, value, ci=None) -> None:
         sizes = np.unique(xs)
         ax.plot(sizes, [ys[xs == s].mean() for s in sizes], marker="o", color=color, label=label)
     ax.set_xscale("log")
+    sizes = sorted({p.records_per_class for pts in lines.values() for p in pts})
+    ax.set_xticks(sizes, [f"{s:.0f}" for s in sizes])  # the sizes run, not powers of ten
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training records per class (log scale)")
 
 

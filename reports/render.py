@@ -9,6 +9,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, TemplateError, s
 
 from alignfl_audit.rundir import atomic_write
 from reports import figures
+from reports.size_curves import leakage_vs_size
 from reports.evidence import RunEvidence, load_run
 from reports.export import write_exports
 from reports.summary import verdict_row
@@ -52,4 +53,5 @@ def _render(runs, rows, csv_path, json_path, title) -> str:
         title=title or ("Privacy-utility report: " + ", ".join(r.label for r in runs[:3])
                         + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")),
         generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"), rows=rows, frontier=figures.frontier(runs),
+        size_curves=leakage_vs_size(runs),
         runs=[_run_context(r, row) for r, row in zip(runs, rows)], exports=[csv_path.name, json_path.name])

@@ -119,16 +119,9 @@ def _latent_options(a) -> dict:
 def _attacks(a) -> dict:
     """name -> a function making a fresh attack, for FedHypeVAE, whose decoders the code search generates per
     class (the reference-calibrated attacks do not apply: no decoder is shared)."""
-    def latent():
-        return LatentFitAttack(**_latent_options(a))
-
-    def mc():
-        return MonteCarloAttack(a.generated_samples)
-
-    def nearest():
-        return NearestSampleAttack(a.generated_samples)
-
-    return {f().name: f for f in (latent, mc, nearest)}
+    return {LatentFitAttack.name: lambda: LatentFitAttack(**_latent_options(a)),
+            MonteCarloAttack.name: lambda: MonteCarloAttack(a.generated_samples),
+            NearestSampleAttack.name: lambda: NearestSampleAttack(a.generated_samples)}
 
 
 def run_audit(run_dir: str | Path, data_root=None, overrides: dict | None = None, seed: int | None = None,

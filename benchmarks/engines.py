@@ -7,6 +7,9 @@
    and on Flower's simulation runtime.
 3. Flower's fixed costs, from a tiny federation at 1 and 3 rounds on both engines:
    per-round overhead = ((F3 - F1) - (I3 - I1)) / 2, start-up = (F1 - I1) - per-round overhead.
+4. Clients in parallel (``--parts workers``): one paper-mnist round on Flower's simulation runtime with
+   ``engine.client_cpus`` set so that 1, 2, ... clients train at once (cores / client_cpus), against the
+   in-process engine (one client after the other), each at ``--threads`` torch threads per process.
 
     python benchmarks/engines.py --data-root ../shared/datasets --before-worktree /tmp/wt-53b1108
 
@@ -61,7 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="runs per quickstart and tiny measurement")
     parser.add_argument("--paper-repeats", type=int, default=1, help="runs per engine of one paper-mnist round")
-    parser.add_argument("--parts", choices=["all", "before-after", "engines", "fixed-costs"], default="all",
+    parser.add_argument("--parts", choices=["all", "before-after", "engines", "fixed-costs", "workers"], default="all",
                         help="measure only this part (merged into the existing results file)")
     parser.add_argument("--paper-before-after", action="store_true",
                         help="also time one paper-mnist round at the reference commit and here")
@@ -82,6 +85,8 @@ def main() -> None:
         each_engine(args, out, quick, paper, one_round, t)
     if args.parts in ("all", "fixed-costs"):
         fixed_costs(args, out, t)
+    if args.parts == "workers":
+        workers(args, out, paper, one_round, t)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
@@ -146,3 +151,19 @@ def fixed_costs(args, out, t) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def workers(args, out, paper, one_round, t) -> None:
+    # 4. clients in parallel: Flower's simulation runs cores // client_cpus clients at once
+    cores = os.cpu_count() or 1
+    variants = [("inprocess", ["engine.name=inprocess"])]
+    variants += [(f"flower/{cores // cpus} at once", ["engine.name=flower", f"engine.client_cpus={cpus}"])
+                 for cpus in sorted({cores // n for n in range(1, cores + 1)}, reverse=True)]
+    series: dict[str, list] = {}
+    for _ in range(args.paper_repeats):  # interleaved
+        for label, sets in variants:
+            series.setdefault(label, []).append(run(paper, one_round + sets, t, args.data_root))
+            print(label, series[label][-1], flush=True)
+    out["workers"] = {label: {"train_seconds": [r["train"] for r in runs], "median_train": median([r["train"] for r in runs]),
+                              "median_wall": median([r["wall"] for r in runs]), "utility": runs[0]["utility"]}
+                      for label, runs in series.items()}

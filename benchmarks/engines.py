@@ -76,8 +76,12 @@ def main() -> None:
     one_round = ["training.rounds=1"]
     t = args.threads
     out: dict = json.loads(RESULTS.read_text()) if args.parts != "all" and RESULTS.is_file() else {}
-    out.update({"threads": t, "repeats": args.repeats, "reference_commit": ref, "commit": head,
-                "machine": f"{os.cpu_count()} cores"})
+    measured = {"threads": t, "repeats": args.repeats, "reference_commit": ref, "commit": head,
+                "machine": f"{os.cpu_count()} cores"}
+    if args.parts == "workers":  # measured apart from the other parts: its own commit and settings
+        measured = {**measured, "paper_repeats": args.paper_repeats}
+    else:
+        out.update(measured)
 
     if args.parts in ("all", "before-after"):
         before_after(args, out, before, quick, quick_before, paper, paper_before, one_round, t)
@@ -87,6 +91,7 @@ def main() -> None:
         fixed_costs(args, out, t)
     if args.parts == "workers":
         workers(args, out, paper, one_round, t)
+        out["workers"]["measured"] = measured
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
@@ -149,10 +154,6 @@ def fixed_costs(args, out, t) -> None:
                                  "startup_seconds": round(walls["flower", 1] - walls["inprocess", 1] - per_round, 2)}
 
 
-if __name__ == "__main__":
-    main()
-
-
 def workers(args, out, paper, one_round, t) -> None:
     # 4. clients in parallel: Flower's simulation runs cores // client_cpus clients at once
     cores = os.cpu_count() or 1
@@ -167,3 +168,8 @@ def workers(args, out, paper, one_round, t) -> None:
     out["workers"] = {label: {"train_seconds": [r["train"] for r in runs], "median_train": median([r["train"] for r in runs]),
                               "median_wall": median([r["wall"] for r in runs]), "utility": runs[0]["utility"]}
                       for label, runs in series.items()}
+
+
+if __name__ == "__main__":
+    main()
+

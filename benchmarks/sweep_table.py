@@ -22,14 +22,20 @@ KEPT = RESULTS / "sweep-dp-vs-lcd-quickstart.csv"
 _DROPPED = r"clients\.|\.rounds\.|^groups\.(?:outliers|controls|inliers)\.(?:distance|normalized)"
 
 
-def import_export(src: Path) -> int:
+def import_export(src: Path, dest: Path = KEPT) -> int:
     tidy = pd.read_csv(src)
     metric = tidy["metric"].fillna("")
     kept = tidy[tidy["metric"].notna() & ~metric.str.contains(_DROPPED, regex=True)
                 & (tidy["section"] != "empirical_epsilon_detail")]
-    RESULTS.mkdir(exist_ok=True)
-    kept.to_csv(KEPT, index=False)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    kept.to_csv(dest, index=False)
     return len(kept)
+
+
+def run_values(tidy: pd.DataFrame):
+    """(run label, {"section:metric": value}) for every run of a kept export, in the export's order."""
+    for run, g in tidy.groupby("run", sort=False):
+        yield run.split("(")[-1].rstrip(")"), dict(zip(g["section"] + ":" + g["metric"], g["value"]))
 
 
 def table() -> str:
@@ -40,8 +46,7 @@ def table() -> str:
             "AUC [95% CI] | TPR@1%FPR | ε estimate (CP) | outliers closer than controls (p) | "
             "Lipschitz lower–upper (client 0) | train / total time (s) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for run, g in tidy.groupby("run", sort=False):
-        value = dict(zip(g["section"] + ":" + g["metric"], g["value"]))
+    for run, value in run_values(tidy):
 
         def num(key):
             return float(value[key])
@@ -50,11 +55,11 @@ def table() -> str:
         eps = f"{num('accountant:epsilon'):.2f}" if formal else "none (no formal guarantee)"
         attacks = [k[len("mia:"):-len(".auc")] for k in value if k.startswith("mia:") and k.endswith(".auc")]
         if not attacks:
-            rows.append(f"| {run.split('(')[-1].rstrip(')')} | not audited |" + " |" * 9)
+            rows.append(f"| {run} | not audited |" + " |" * 9)
             continue
         best = best_attack({a: {"auc": num(f"mia:{a}.auc")} for a in attacks})
         rows.append(
-            f"| {run.split('(')[-1].rstrip(')')} | {'yes' if formal else 'no'} | {eps} | "
+            f"| {run} | {'yes' if formal else 'no'} | {eps} | "
             f"{num('utility:probe_accuracy'):.3f} | {best} | {num(f'mia:{best}.auc'):.3f} "
             f"[{num(f'mia:{best}.auc_ci_low'):.3f}, {num(f'mia:{best}.auc_ci_high'):.3f}] | "
             f"{num(f'mia:{best}.tpr_at_1pct_fpr'):.3f} | {num('audit:empirical_epsilon'):.3f} | "

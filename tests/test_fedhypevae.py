@@ -235,16 +235,50 @@ def test_dp_noise_covers_the_gradient_and_the_mmd_embedding_at_sqrt2_times_the_c
     spec = PrivacySpec(mechanism="dp-sgd", noise_multiplier=1.5, clipping="fixed", max_grad_norm=0.7)
     plan = make_plan(spec, 100, 25, 1.5)
     x, y1h = torch.rand(25, 1, 28, 28), onehot(torch.zeros(25, dtype=torch.long))
-    for features, factor in ((lambda a, b: torch.nn.functional.normalize(torch.ones(len(a), 8), dim=1),
+    for features, factor in ((lambda a, b: torch.nn.functional.normalize(torch.ones(len(a), 4096), dim=1),
                               math.sqrt(2)), (None, 1.0)):
         step = HyperDPStep(model, spec, plan, 100, seeded_generator(0, 5), features)
         _, embedding = step.release(x, y1h, lambda a, b: (model.code(a.new_ones(len(a), 1)) * 0).sum(1))
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         assert grads.std().item() == pytest.approx(1.5 * factor * 0.7 / 25, rel=0.02)
         assert (embedding is None) == (features is None)
+        if embedding is not None:  # the embedding's noise, in units of its clip-scaled features: the same sigma
+            centred = embedding - torch.nn.functional.normalize(torch.ones(1, 4096), dim=1)
+            assert centred.std().item() == pytest.approx(1.5 * factor / 25, rel=0.05)
         for p in model.parameters():
             p.grad = None
 
+
+
+def test_one_record_moves_the_joint_release_by_at_most_sqrt2_times_the_clip_bound(monkeypatch):
+    """The sensitivity the noise is calibrated to: without noise, removing any one record of a batch changes
+    the released (clipped gradient sum, clip-scaled embedding sum) by at most sqrt(2) C in L2."""
+    import federation.hyper_client as hc
+    from federation.mmd import RandomFeatures
+
+    monkeypatch.setattr(hc, "reparameterization_noise", lambda mu, generator: torch.zeros_like(mu))
+    model, _, _ = _model()
+    features = RandomFeatures(64, 10.0, 10, seeded_generator(0, 9))
+    n, batch, bound = 100, 12, 0.05
+    x = torch.rand(batch, 1, 28, 28, generator=seeded_generator(0, 3))
+    y1h = onehot(torch.arange(batch) % 5)
+
+    def released(keep: list[int]) -> torch.Tensor:
+        spec = PrivacySpec(mechanism="dp-sgd", noise_multiplier=1e-9, clipping="fixed", max_grad_norm=bound)
+        plan = make_plan(spec, n, batch, 1e-9)
+        step = HyperDPStep(model, spec, plan, n, seeded_generator(0, 5), features)
+        _, embedding = step.release(x[keep], y1h[keep], lambda a, b: model.per_sample_loss(a, b, 1.0, None))
+        qn = plan.sample_rate * n
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()]) * qn
+        for p in model.parameters():
+            p.grad = None
+        return torch.cat([grads, embedding.flatten() * bound * qn])  # back to sums
+
+    everyone = list(range(batch))
+    full = released(everyone)
+    moves = [(full - released([i for i in everyone if i != j])).norm().item() for j in everyone]
+    assert max(moves) <= math.sqrt(2) * bound * (1 + 1e-4)
+    assert max(moves) > bound  # the embedding's share is really there: more than the gradient's bound alone
 
 # ------------------------------------------------------------------------------------ uploads
 class Replay(Engine):

@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="runs per quickstart and tiny measurement")
     parser.add_argument("--paper-repeats", type=int, default=1, help="runs per engine of one paper-mnist round")
-    parser.add_argument("--parts", choices=["all", "before-after", "engines", "fixed-costs", "workers"], default="all",
+    parser.add_argument("--parts", default="all",
+                        choices=["all", "before-after", "engines", "fixed-costs", "workers"],
                         help="measure only this part (merged into the existing results file)")
     parser.add_argument("--paper-before-after", action="store_true",
                         help="also time one paper-mnist round at the reference commit and here")
@@ -165,11 +166,11 @@ def workers(args, out, paper, one_round, t) -> None:
         for label, sets in variants:
             series.setdefault(label, []).append(run(paper, one_round + sets, t, args.data_root))
             print(label, series[label][-1], flush=True)
-    out["workers"] = {label: {"train_seconds": [r["train"] for r in runs], "median_train": median([r["train"] for r in runs]),
+    out["workers"] = {label: {"train_seconds": [r["train"] for r in runs],
+                              "median_train": median([r["train"] for r in runs]),
                               "median_wall": median([r["wall"] for r in runs]), "utility": runs[0]["utility"]}
                       for label, runs in series.items()}
 
 
 if __name__ == "__main__":
     main()
-

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from attacks.selection import best_attack
-from sweep_table import import_export, run_values
+from sweep_table import best_of, import_export, run_values
 
 _SEED = re.compile(r"^(?P<entry>.+)-seed(?P<seed>\d+)$")
 
@@ -31,14 +30,13 @@ def _cells(value: dict) -> dict[str, str]:
         return float(value[key])
 
     formal = str(value.get("privacy:formal_guarantee")) == "True"
-    attacks = [k[len("mia:"):-len(".auc")] for k in value if k.startswith("mia:") and k.endswith(".auc")]
     eps = f"{num('accountant:epsilon'):.2f}" if "accountant:epsilon" in value else "n/a (not audited)"
     cells = {"ε": eps if formal else "none",
              "probe": f"{num('utility:probe_accuracy'):.3f}", "TSTR": f"{num('utility:tstr_accuracy'):.3f}",
              "FID": f"{num('utility:fid'):.0f}"}
-    if not attacks:
+    best = best_of(value)
+    if best is None:
         return {**cells, "best attack": "not audited", "AUC": "", "TPR@1%FPR": "", "canary ε_lb (ceiling)": ""}
-    best = best_attack({a: {"auc": num(f"mia:{a}.auc")} for a in attacks})
     return {**cells, "best attack": best, "AUC": f"{num(f'mia:{best}.auc'):.3f}",
             "TPR@1%FPR": f"{num(f'mia:{best}.tpr_at_1pct_fpr'):.3f}",
             "canary ε_lb (ceiling)": f"{num('canaries:epsilon_lb'):.2f} ({num('canaries:epsilon_ceiling'):.2f})"}

@@ -38,6 +38,12 @@ def run_values(tidy: pd.DataFrame):
         yield run.split("(")[-1].rstrip(")"), dict(zip(g["section"] + ":" + g["metric"], g["value"]))
 
 
+def best_of(value: dict) -> str | None:
+    """The run's best pooled membership attack by AUC (``attacks.selection``); None for a run not audited."""
+    attacks = [k[len("mia:"):-len(".auc")] for k in value if k.startswith("mia:") and k.endswith(".auc")]
+    return best_attack({a: {"auc": float(value[f"mia:{a}.auc"])} for a in attacks}) if attacks else None
+
+
 def table() -> str:
     if not KEPT.is_file():
         return "(the sweep has not been imported: see benchmarks/sweep_table.py)"
@@ -53,11 +59,10 @@ def table() -> str:
 
         formal = str(value["privacy:formal_guarantee"]) == "True"
         eps = f"{num('accountant:epsilon'):.2f}" if formal else "none (no formal guarantee)"
-        attacks = [k[len("mia:"):-len(".auc")] for k in value if k.startswith("mia:") and k.endswith(".auc")]
-        if not attacks:
+        best = best_of(value)
+        if best is None:
             rows.append(f"| {run} | not audited |" + " |" * 9)
             continue
-        best = best_attack({a: {"auc": num(f"mia:{a}.auc")} for a in attacks})
         rows.append(
             f"| {run} | {'yes' if formal else 'no'} | {eps} | "
             f"{num('utility:probe_accuracy'):.3f} | {best} | {num(f'mia:{best}.auc'):.3f} "

@@ -40,6 +40,23 @@ def save_checkpoint(run, rnd: int, config_sha256: str, strategy, engine, ledger,
 
 
 def load_checkpoint(run, config_sha256: str) -> dict | None:
+    state = _read(run)
+    if state is not None and state["config_sha256"] != config_sha256:
+        raise DataError(f"{run.file(layout.CHECKPOINTS, layout.CHECKPOINT)} was written for another config "
+                        f"(sha256 {state['config_sha256'][:12]}); the run directory's config.resolved.yaml has changed")
+    return state
+
+
+def checkpoint_config_sha256(run) -> str | None:
+    """The config digest a run's checkpoint was written for; None when it has none or it cannot be read."""
+    try:
+        state = _read(run)
+    except DataError:
+        return None
+    return None if state is None else state["config_sha256"]
+
+
+def _read(run) -> dict | None:
     path = run.file(layout.CHECKPOINTS, layout.CHECKPOINT)
     if not path.is_file():
         return None
@@ -51,9 +68,6 @@ def load_checkpoint(run, config_sha256: str) -> dict | None:
         found = state.get("format") if isinstance(state, dict) else None
         raise DataError(f"{path} is not an {FORMAT} checkpoint" +
                         (f" (it is {found}, written by an earlier version: start the run again)" if found else ""))
-    if state["config_sha256"] != config_sha256:
-        raise DataError(f"{path} was written for another config (sha256 {state['config_sha256'][:12]}); "
-                        "the run directory's config.resolved.yaml has changed")
     return state
 
 
@@ -64,3 +78,4 @@ def restore(state: dict, strategy, engine, ledger, shared_root: Path) -> tuple[i
     ledger.events = [DPEvent(**e) for e in state["ledger_events"]]  # exactly the events up to that round
     ledger.unaccounted = dict(state["unaccounted"])
     return state["round"] + 1, [RoundRecord.from_json(r) for r in state["records"]]
+

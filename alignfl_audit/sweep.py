@@ -17,8 +17,9 @@ the same seed, classes, model and recipe train each reference once; every audit.
 whether its reference was trained there or read from the cache, and under which key. One progress bar
 covers the whole sweep, with an estimate of the time left (``alignfl_audit.progress``).
 
-Resumable: a run whose directory is complete, audited and made from the same config is skipped; any other is moved aside
-(``<label>.replaced-N``) and redone. A failing run is recorded and the others carry on; the
+Resumable, from the same config (its digest): a run whose directory is complete and audited is skipped; one
+complete but not audited is only audited; one interrupted mid-training continues from its last round's
+checkpoint (``--resume``, in-process runs). Any other is moved aside (``<label>.replaced-N``) and redone. A failing run is recorded and the others carry on; the
 report covers every run that finished, and the command exits nonzero if any failed.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from alignfl_audit.checkpoint import checkpoint_config_sha256
 from alignfl_audit.config import load_config
 from alignfl_audit.progress import run_steps, sweep_progress
 from alignfl_audit.rundir import RunDir, atomic_write
@@ -130,15 +132,25 @@ def _configs(plan: SweepPlan, extra: dict) -> list[tuple[str, object]]:
     return out
 
 
-def _finished(path: Path, cfg) -> bool:
-    """Complete, audited, and made from this very config (an edited sweep entry is redone)."""
+SKIP, AUDIT, RESUME, REDO = "skip", "audit", "resume", "redo"
+
+
+def _next_step(path: Path, cfg) -> str:
+    """What a run's directory still needs. Work is kept only when it was made from this very config (an
+    edited sweep entry is redone): a complete run by the digest its metrics.json records, an interrupted
+    one by the digest its checkpoint records."""
     run = RunDir(path)
-    if not (run.is_complete() and (path / layout.AUDIT).is_file()):
-        return False
-    try:
-        return run.read_json(layout.METRICS).get("config_sha256") == cfg.digest()
-    except (OSError, ValueError, AttributeError):
-        return False
+    if run.is_complete():
+        try:
+            same = run.read_json(layout.METRICS).get("config_sha256") == cfg.digest()
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:
+            return REDO
+        return SKIP if (path / layout.AUDIT).is_file() else AUDIT
+    if cfg.engine.name == "inprocess" and checkpoint_config_sha256(run) == cfg.digest():
+        return RESUME
+    return REDO
 
 
 def _move_aside(path: Path) -> None:
@@ -152,7 +164,7 @@ def run_sweep(path: str | Path, data_root=None, quiet: bool = False, echo=print,
               out: str | Path | None = None) -> SweepResult:
     """``overrides``: dotted keys set in every run (after the sweep file's); ``out``: instead of the sweep
     file's output folder (the default reference cache moves with it)."""
-    from alignfl_audit.orchestrate import run_pipeline
+    from alignfl_audit.orchestrate import after_run, resume_experiment, run_pipeline
     from reports.render import render_report
 
     plan = load_sweep(path)
@@ -166,24 +178,35 @@ def run_sweep(path: str | Path, data_root=None, quiet: bool = False, echo=print,
     with sweep_progress(sum(run_steps(cfg) for _, cfg in configs), quiet) as bar:
         for tag, cfg in configs:
             run_path = plan.out / tag
-            if _finished(run_path, cfg):
+            step = _next_step(run_path, cfg) if run_path.exists() else REDO
+            if step == SKIP:
                 result.skipped.append(tag)
                 result.finished.append(run_path)
                 bar.drop(run_steps(cfg))
                 bar.say(echo, f"{tag}: finished before, skipped")
                 continue
-            if run_path.exists():
+            if step == REDO and run_path.exists():
                 _move_aside(run_path)
+            planned = run_steps(cfg)
+            if step == AUDIT:  # its training is done: the bar expects only the audit's steps
+                bar.drop(cfg.training.rounds + 1)
+                planned -= cfg.training.rounds + 1
             bar.start_run(tag)
             try:
-                run_pipeline(cfg, data_root=data_root, out=run_path, quiet=quiet, reference_cache=plan.reference_cache)
+                if step == REDO:
+                    run_pipeline(cfg, data_root=data_root, out=run_path, quiet=quiet,
+                                 reference_cache=plan.reference_cache)
+                else:
+                    run = resume_experiment(run_path, data_root, quiet)[1] if step == RESUME else RunDir(run_path)
+                    after_run(cfg, run, data_root, quiet, plan.reference_cache)
                 result.finished.append(run_path)
-                bar.say(echo, f"{tag}: trained and audited")
+                bar.say(echo, f"{tag}: " + {REDO: "trained and audited", RESUME: "resumed from its checkpoint, "
+                                            "trained and audited", AUDIT: "training found complete, audited"}[step])
             except Exception as err:  # noqa: BLE001 - one failed run must not lose the others; it is recorded
                 reason = str(err) if isinstance(err, FederationError) else f"{type(err).__name__}: {err}"
                 result.failed[tag] = reason
                 bar.say(echo, f"{tag}: FAILED: {reason}")
-            bar.end_run(run_steps(cfg))
+            bar.end_run(planned)
     status = {"sweep": plan.name, "finished": [p.name for p in result.finished], "failed": result.failed,
               "skipped": result.skipped}
     atomic_write(plan.out / "sweep-status.yaml", yaml.safe_dump(status, sort_keys=False))

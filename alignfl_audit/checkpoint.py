@@ -22,8 +22,10 @@ from federation.rounds import RoundRecord
 FORMAT = "alignfl-checkpoint/2"
 
 
-def save_checkpoint(run, rnd: int, config_sha256: str, strategy, engine, ledger, records: list[RoundRecord]) -> Path:
-    state = {"format": FORMAT, "round": rnd, "config_sha256": config_sha256,
+def save_checkpoint(run, rnd: int, config_sha256: str, strategy, engine, ledger, records: list[RoundRecord],
+                    code: dict | None = None) -> Path:
+    """``code``: the code identity (``provenance.code_identity``) the rounds so far were trained with."""
+    state = {"format": FORMAT, "round": rnd, "config_sha256": config_sha256, "code": code,
              "engine": engine.state_dict(), "strategy": strategy.state_dict(),
              "ledger_events": [vars(e).copy() for e in ledger.events], "unaccounted": dict(ledger.unaccounted),
              "records": [r.to_json() for r in records]}
@@ -47,21 +49,24 @@ def load_checkpoint(run, config_sha256: str) -> dict | None:
     return state
 
 
-def checkpoint_config_sha256(run) -> str | None:
-    """The config digest a run's checkpoint was written for; None when it has none or it cannot be read."""
+def checkpoint_header(run) -> dict | None:
+    """A checkpoint's last round, config digest and code identity, read without loading its tensors
+    (memory-mapped); None when the run has none or it cannot be read."""
     try:
-        state = _read(run)
+        state = _read(run, mmap=True)
     except DataError:
         return None
-    return None if state is None else state["config_sha256"]
+    if state is None or not isinstance(state.get("round"), int) or not isinstance(state.get("config_sha256"), str):
+        return None
+    return {"round": state["round"], "config_sha256": state["config_sha256"], "code": state.get("code")}
 
 
-def _read(run) -> dict | None:
+def _read(run, mmap: bool = False) -> dict | None:
     path = run.file(layout.CHECKPOINTS, layout.CHECKPOINT)
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line error
         raise DataError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -78,4 +83,3 @@ def restore(state: dict, strategy, engine, ledger, shared_root: Path) -> tuple[i
     ledger.events = [DPEvent(**e) for e in state["ledger_events"]]  # exactly the events up to that round
     ledger.unaccounted = dict(state["unaccounted"])
     return state["round"] + 1, [RoundRecord.from_json(r) for r in state["records"]]
-

@@ -16,7 +16,7 @@ from alignfl_audit import progress
 from alignfl_audit.accounting import ledger_epsilons
 from alignfl_audit.checkpoint import load_checkpoint, restore, save_checkpoint
 from alignfl_audit.config import ExperimentConfig, dump_config
-from alignfl_audit.provenance import provenance
+from alignfl_audit.provenance import code_identity, provenance
 from alignfl_audit.rundir import RunDir
 from federation import run_layout as layout
 from federation.client import ClientSetup
@@ -254,6 +254,7 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
     if state is not None:
         first, records = restore(state, strategy, engine, ledger, run.file(layout.SHARED))
         run.log(f"resumed after round {first - 1} from {layout.CHECKPOINTS}/{layout.CHECKPOINT}")
+    code = code_identity()  # recorded in every checkpoint: a sweep resumes only under the same code
     engine.start()
     for k, facts in engine.client_facts().items():  # e.g. where each client's DP noise comes from
         if str(k) in ledger.clients:
@@ -273,7 +274,7 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
                 records.append(record)
                 run.log(f"round {rnd}: " + _summary(record))
                 _write_round_files(run, records, ledger)
-                save_checkpoint(run, rnd, cfg.digest(), strategy, engine, ledger, records)
+                save_checkpoint(run, rnd, cfg.digest(), strategy, engine, ledger, records, code)
                 bar.update(1)
                 progress.advance()
         late = engine.drain(strategy.rounds - 1)

@@ -37,3 +37,9 @@ def git_commit() -> dict | None:
 def provenance() -> dict:
     return {"packages": {name: _version(name) for name in PACKAGES}, "git": git_commit(),
             "python": platform.python_version(), "platform": platform.platform()}
+
+
+def code_identity() -> dict:
+    """Which code is running, as far as it can be told: the package version and the git checkout's commit
+    (with its uncommitted-changes flag). A sweep continues a run from its checkpoint only under the same."""
+    return {"version": _version("alignfl-audit"), "git": git_commit()}

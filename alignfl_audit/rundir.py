@@ -121,5 +121,5 @@ class RunDir:
     def is_complete(self) -> bool:
         try:
             return self.read_json(layout.STATUS)["state"] == "complete" and self.file(layout.METRICS).is_file()
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             return False

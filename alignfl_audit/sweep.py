@@ -17,10 +17,14 @@ the same seed, classes, model and recipe train each reference once; every audit.
 whether its reference was trained there or read from the cache, and under which key. One progress bar
 covers the whole sweep, with an estimate of the time left (``alignfl_audit.progress``).
 
-Resumable, from the same config (its digest): a run whose directory is complete and audited is skipped; one
-complete but not audited is only audited; one interrupted mid-training continues from its last round's
-checkpoint (``--resume``, in-process runs). Any other is moved aside (``<label>.replaced-N``) and redone. A failing run is recorded and the others carry on; the
-report covers every run that finished, and the command exits nonzero if any failed.
+Resumable. A run directory made from the same config (its digest) keeps its work: complete and audited,
+it is skipped; complete but not audited, it is only audited; stopped before its training finished
+(interrupted or failed), it continues from its last round's checkpoint, as ``alignfl-audit run --resume``
+does, when that checkpoint was written by the same code (package version and git commit) on the
+in-process engine. Any other directory is moved aside (``<label>.replaced-N``) and the run redone; a
+resume that fails leaves its directory, and the reason says how to redo it. A failing run is recorded
+and the others carry on; the report covers every run that finished, and the command exits nonzero if
+any failed.
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ from pathlib import Path
 
 import yaml
 
-from alignfl_audit.checkpoint import checkpoint_config_sha256
+from alignfl_audit.checkpoint import checkpoint_header
 from alignfl_audit.config import load_config
+from alignfl_audit.provenance import code_identity
 from alignfl_audit.progress import run_steps, sweep_progress
 from alignfl_audit.rundir import RunDir, atomic_write
 from federation import run_layout as layout
@@ -133,24 +138,29 @@ def _configs(plan: SweepPlan, extra: dict) -> list[tuple[str, object]]:
 
 
 SKIP, AUDIT, RESUME, REDO = "skip", "audit", "resume", "redo"
+_DONE = {REDO: "trained and audited", RESUME: "continued from its checkpoint, trained and audited",
+         AUDIT: "training found complete, audited"}
 
 
-def _next_step(path: Path, cfg) -> str:
-    """What a run's directory still needs. Work is kept only when it was made from this very config (an
-    edited sweep entry is redone): a complete run by the digest its metrics.json records, an interrupted
-    one by the digest its checkpoint records."""
+def _next_step(path: Path, cfg) -> tuple[str, int]:
+    """What a run's directory still needs, and how many of its rounds are already trained. Work is kept
+    only when it was made from this very config (an edited sweep entry is redone): a complete run by the
+    digest its metrics.json records, an interrupted one by the digest and code its checkpoint records."""
     run = RunDir(path)
+    if not path.exists():
+        return REDO, 0
     if run.is_complete():
         try:
             same = run.read_json(layout.METRICS).get("config_sha256") == cfg.digest()
         except (OSError, ValueError, AttributeError):
             same = False
         if not same:
-            return REDO
-        return SKIP if (path / layout.AUDIT).is_file() else AUDIT
-    if cfg.engine.name == "inprocess" and checkpoint_config_sha256(run) == cfg.digest():
-        return RESUME
-    return REDO
+            return REDO, 0
+        return (SKIP if (path / layout.AUDIT).is_file() else AUDIT), cfg.training.rounds
+    header = checkpoint_header(run) if cfg.engine.name == "inprocess" else None
+    if header is not None and header["config_sha256"] == cfg.digest() and header["code"] == code_identity():
+        return RESUME, header["round"] + 1
+    return REDO, 0
 
 
 def _move_aside(path: Path) -> None:
@@ -178,21 +188,23 @@ def run_sweep(path: str | Path, data_root=None, quiet: bool = False, echo=print,
     with sweep_progress(sum(run_steps(cfg) for _, cfg in configs), quiet) as bar:
         for tag, cfg in configs:
             run_path = plan.out / tag
-            step = _next_step(run_path, cfg) if run_path.exists() else REDO
-            if step == SKIP:
-                result.skipped.append(tag)
-                result.finished.append(run_path)
-                bar.drop(run_steps(cfg))
-                bar.say(echo, f"{tag}: finished before, skipped")
-                continue
-            if step == REDO and run_path.exists():
-                _move_aside(run_path)
             planned = run_steps(cfg)
-            if step == AUDIT:  # its training is done: the bar expects only the audit's steps
-                bar.drop(cfg.training.rounds + 1)
-                planned -= cfg.training.rounds + 1
             bar.start_run(tag)
+            step = REDO
             try:
+                step, trained = _next_step(run_path, cfg)
+                if step == SKIP:
+                    result.skipped.append(tag)
+                    result.finished.append(run_path)
+                    bar.drop(planned)
+                    planned = 0
+                    bar.say(echo, f"{tag}: finished before, skipped")
+                    continue
+                if step == REDO and run_path.exists():
+                    _move_aside(run_path)
+                if trained:  # its rounds done before: the bar expects only what is left
+                    bar.drop(trained + (step == AUDIT))  # (+ the metrics step of a complete run)
+                    planned -= trained + (step == AUDIT)
                 if step == REDO:
                     run_pipeline(cfg, data_root=data_root, out=run_path, quiet=quiet,
                                  reference_cache=plan.reference_cache)
@@ -200,13 +212,15 @@ def run_sweep(path: str | Path, data_root=None, quiet: bool = False, echo=print,
                     run = resume_experiment(run_path, data_root, quiet)[1] if step == RESUME else RunDir(run_path)
                     after_run(cfg, run, data_root, quiet, plan.reference_cache)
                 result.finished.append(run_path)
-                bar.say(echo, f"{tag}: " + {REDO: "trained and audited", RESUME: "resumed from its checkpoint, "
-                                            "trained and audited", AUDIT: "training found complete, audited"}[step])
+                bar.say(echo, f"{tag}: {_DONE[step]}")
             except Exception as err:  # noqa: BLE001 - one failed run must not lose the others; it is recorded
                 reason = str(err) if isinstance(err, FederationError) else f"{type(err).__name__}: {err}"
+                if step != REDO:
+                    reason += f" (the sweep keeps {run_path} as it is: move it aside to train this run anew)"
                 result.failed[tag] = reason
                 bar.say(echo, f"{tag}: FAILED: {reason}")
-            bar.end_run(planned)
+            finally:
+                bar.end_run(planned)
     status = {"sweep": plan.name, "finished": [p.name for p in result.finished], "failed": result.failed,
               "skipped": result.skipped}
     atomic_write(plan.out / "sweep-status.yaml", yaml.safe_dump(status, sort_keys=False))

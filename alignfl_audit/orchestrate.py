@@ -319,6 +319,8 @@ def train_and_evaluate(cfg: ExperimentConfig, data: LoadedData, partition: Parti
                            **{k: round(v, 2) for k, v in phases.items()},  # within train (a resumed run: its part)
                            "metrics": round(time.perf_counter() - started - train_seconds, 2),
                            "total": round(time.perf_counter() - started, 2)},
+        # a run continued from a checkpoint: its timing_seconds cover only the rounds after this one
+        "resumed_after_round": first - 1 if first else None,
         "torch_threads": torch.get_num_threads(),
         "provenance": provenance(),
     }

@@ -83,6 +83,7 @@ def test_an_interrupted_sweep_continues_its_run_and_audits_a_trained_one(tmp_pat
     assert "resumed after round 0" in (broken / "run.log").read_text()
     a, b = _json(whole / "metrics.json"), _json(broken / "metrics.json")
     assert a["utility"] == b["utility"] and a["privacy"] == b["privacy"]
+    assert a["resumed_after_round"] is None and b["resumed_after_round"] == 0  # its timing covers rounds 1-2
     assert _json(whole / "privacy_ledger.json") == _json(broken / "privacy_ledger.json")  # no round counted twice
     assert (broken / "audit.json").is_file() and not (broken / "checkpoints").exists()
     # rounds 1 and 2, metrics, then the audit: the bar expected exactly that (round 0 was done before)
